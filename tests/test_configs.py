@@ -1,0 +1,48 @@
+"""The Hydra tree: every experiment composes, its net builds alone on the meta device, bad keys fail."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_there_are_experiments_and_a_demo():
+    assert "demo_sit" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_its_net_builds_on_meta(experiment):
+    cfg = compose_train(f"experiment={experiment}")
+    assert cfg.model.net.num_classes == cfg.data.num_classes
+    with torch.device("meta"):
+        net = instantiate(cfg.model.net)
+    assert isinstance(net, torch.nn.Module)
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_demo_sit_net_is_the_small_pixel_sit():
+    cfg = compose_train("experiment=demo_sit")
+    net = instantiate(cfg.model.net)
+    assert sum(p.numel() for p in net.parameters()) == 1_291_824  # the issue's ~1.3M-parameter SiT
+    assert (cfg.model.net.patch_size, cfg.model.net.hidden_size, cfg.model.net.depth) == (4, 128, 4)
+
+
+def test_a_config_key_that_does_not_exist_is_an_error():
+    with pytest.raises(ConfigCompositionException, match="batch_globl"):
+        compose_train("experiment=demo_sit", "data.batch_globl=64")
+
+
+def test_num_classes_zero_builds_an_unconditional_net():
+    cfg = compose_train("experiment=demo_sit", "data.num_classes=0")
+    assert instantiate(cfg.model.net).y_embedder is None

@@ -1,0 +1,15 @@
+"""Train a visgen experiment: `python train.py experiment=demo_sit [key=value ...]`."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from visgen.training.train import train  # imported inside: `--help` and `--cfg` stay fast
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Deterministic streaming of (uint8 image, label) pairs from WebDataset tar shards (no Lightning needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import re
+import struct
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_SKIP_WARNINGS = 5  # per-sample warnings per worker pass; the rest only show in the end-of-stream summary
+MAX_CONSECUTIVE_FAILURES = 1000  # resampled streams give up when this many reads in a row yield nothing
+DEFAULT_SHARD_HINT = (
+    "set data.train_shards / data.val_shards, or write the built-in shards with "
+    "python -m visgen.data.builtin --out-dir <paths.data_dir>/digits"
+)
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two or more letters, so 'C:\...' stays a local path
+
+ImageLabel = tuple[Tensor, Tensor]
+
+
+def expand_shard_spec(spec: str | list[str], hint: str = DEFAULT_SHARD_HINT) -> list[str]:
+    """Brace-expand a shard spec ('::'-separated allowed) into URLs, checking that local files exist."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for part in parts:
+        for sub_spec in str(part).split("::"):
+            if sub_spec.strip():
+                urls.extend(braceexpand.braceexpand(sub_spec.strip()))
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} is empty; {hint}")
+    local = [url for url in urls if not _URL_SCHEME.match(url) or url.startswith("file:")]
+    missing = [url for url in local if not os.path.isfile(url.removeprefix("file:"))]
+    if missing and len(missing) == len(urls):
+        raise FileNotFoundError(f"shard spec {spec!r} matched no files (first missing: {missing[0]}); {hint}")
+    if missing:
+        raise FileNotFoundError(f"shard spec {spec!r}: {len(missing)} of {len(urls)} shards are missing "
+                                f"(first missing: {missing[0]}); rewrite the missing shards or fix the spec")
+    return urls
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM center crop: halve with BOX while large, BICUBIC-resize the short side to size, crop the center."""
+    if image_size <= 0:
+        raise ValueError(f"center_crop_arr: image_size={image_size} must be positive")
+    # Repeated exact 2x box downsampling first keeps the final bicubic step small (less aliasing, as in ADM).
+    while min(pil_image.size) >= 2 * image_size:
+        half_size = (pil_image.size[0] // 2, pil_image.size[1] // 2)
+        pil_image = pil_image.resize(half_size, resample=Image.Resampling.BOX)
+    scale = image_size / min(pil_image.size)
+    new_size = (round(pil_image.size[0] * scale), round(pil_image.size[1] * scale))
+    if new_size != pil_image.size:
+        pil_image = pil_image.resize(new_size, resample=Image.Resampling.BICUBIC)
+    arr = np.array(pil_image)  # (H', W', C) with min(H', W') == image_size
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]  # (image_size, image_size, C)
+
+
+def worker_seed(seed: int, epoch: int, rank: int, worker_id: int) -> int:
+    """A 64-bit seed from (seed, epoch, rank, worker) via SHA-256, identical across processes and runs."""
+    payload = b"visgen.ShardStream" + struct.pack("<4q", seed, epoch, rank, worker_id)
+    return int.from_bytes(hashlib.sha256(payload).digest()[:8], "little")
+
+
+def worker_share(total: int, worker_id: int, num_workers: int) -> int:
+    """Worker `worker_id`'s share of `total` items split as evenly as possible (earlier workers get extra)."""
+    return total // num_workers + (1 if worker_id < total % num_workers else 0)
+
+
+def buffer_shuffle(samples: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream with a fixed-size buffer driven only by `rng`, so the order is reproducible."""
+    # webdataset's own shuffle stage seeds itself from time/pid, which would break exact resume; this one
+    # consumes nothing but the rng it is given.
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer: list[Any] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        buffer[index], sample = sample, buffer[index]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class CorruptSampleError(ValueError):
+    """A sample whose members are missing or cannot be decoded."""
+
+
+def _parse_label(raw: bytes, num_classes: int | None) -> int:
+    """Parse a `cls` member (ASCII integer) and check it lies in [0, num_classes)."""
+    text = raw.decode("ascii", errors="replace").strip()
+    try:
+        label = int(text)
+    except ValueError as exc:
+        raise CorruptSampleError(f"cls member {text[:20]!r} is not an integer") from exc
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise CorruptSampleError(f"cls {label} is outside [0, {num_classes})")
+    return label
+
+
+class ShardStream(IterableDataset):
+    """Class-conditional images from tar shards, split exactly over ranks and DataLoader workers."""
+
+    def __init__(
+        self,
+        shards: str,
+        image_size: int,
+        resampled: bool,
+        random_flip: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        samples_per_rank: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+        num_classes: int | None = None,
+    ) -> None:
+        """Check the arguments and expand the shard spec (a missing shard fails here, not in a worker)."""
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardStream: rank={rank} must be in [0, world_size={world_size})")
+        if batch_size <= 0:
+            raise ValueError(f"ShardStream: batch_size={batch_size} must be positive")
+        if resampled:
+            if samples_per_rank is None or samples_per_rank <= 0:
+                raise ValueError(f"ShardStream(resampled=True) needs samples_per_rank > 0, got "
+                                 f"{samples_per_rank}; pass the exact number of samples each rank yields "
+                                 "per epoch")
+            if samples_per_rank % batch_size != 0:
+                raise ValueError(f"ShardStream: samples_per_rank={samples_per_rank} is not a multiple of "
+                                 f"batch_size={batch_size}; workers hand out whole batches, so round it to a "
+                                 "multiple of the per-device batch")
+        self.spec = shards
+        self.urls = expand_shard_spec(shards)
+        self.image_size = image_size
+        self.resampled = resampled
+        self.random_flip = random_flip
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.samples_per_rank = samples_per_rank
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = batch_size
+        self.num_classes = num_classes
+        self.epoch = 0
+        self.skip_batches = 0
+        self.num_skipped = 0  # corrupt samples skipped by this object (in-process only; workers hold copies)
+        self.num_shard_errors = 0  # shards (or tails of shards) that could not be read
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch (reseeds every worker) and how many of this rank's batches were already used."""
+        if skip_batches < 0:
+            raise ValueError(f"ShardStream.set_epoch: skip_batches={skip_batches} must be >= 0")
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch (resampled streams only; others have no known length)."""
+        if not self.resampled or self.samples_per_rank is None:
+            raise TypeError("a non-resampled ShardStream has no length until it has been read")
+        return self.samples_per_rank
+
+    def __iter__(self) -> Iterator[ImageLabel]:
+        """Iterate this process's share: the DataLoader worker's, or everything for this rank in-process."""
+        info = get_worker_info()
+        worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self.iter_worker(worker_id, num_workers)
+
+    def iter_worker(self, worker_id: int, num_workers: int) -> Iterator[ImageLabel]:
+        """Yield what worker `worker_id` of `num_workers` on this rank yields (explicit for tests)."""
+        if not 0 <= worker_id < num_workers:
+            raise ValueError(f"ShardStream: worker_id={worker_id} must be in [0, num_workers={num_workers})")
+        if self.resampled:
+            return self._iter_resampled(worker_id, num_workers)
+        return self._iter_sequential(worker_id, num_workers)
+
+    def worker_num_samples(self, worker_id: int, num_workers: int) -> int:
+        """Samples a resampled worker yields per epoch: its share of whole batches times the batch size."""
+        if self.samples_per_rank is None:
+            raise ValueError(f"ShardStream({self.spec!r}).worker_num_samples needs samples_per_rank; it is "
+                             "only defined for resampled streams")
+        num_batches = self.samples_per_rank // self.batch_size
+        return worker_share(num_batches, worker_id, num_workers) * self.batch_size
+
+    def worker_shards(self, worker_id: int, num_workers: int) -> list[str]:
+        """Shards a non-resampled worker reads: shard i goes to global worker i % (world_size x workers)."""
+        num_global_workers = self.world_size * num_workers
+        if len(self.urls) < num_global_workers:
+            raise ValueError(f"{len(self.urls)} shards ({self.spec!r}) cannot feed {self.world_size} ranks x "
+                             f"{num_workers} workers; write more shards or lower data.num_workers")
+        global_worker = self.rank * num_workers + worker_id
+        return self.urls[global_worker::num_global_workers]
+
+    def _iter_resampled(self, worker_id: int, num_workers: int) -> Iterator[ImageLabel]:
+        """Draw shards with replacement, buffer-shuffle and flip from one (seed, epoch, rank, worker) rng."""
+        # The DataLoader takes batches round-robin from workers 0, 1, ...; logical worker r holds the rank's
+        # batches r, r + W, ... (earlier workers get the extra one). A new iterator always starts at worker 0,
+        # so after `skip_batches` = k used batches, physical worker w plays logical worker (w + k) % W and
+        # drops that logical worker's share of the first k batches: the rest arrive in the original order.
+        logical_id = (worker_id + self.skip_batches) % num_workers
+        rng = random.Random(worker_seed(self.seed, self.epoch, self.rank, logical_id))
+        quota = self.worker_num_samples(logical_id, num_workers)
+        num_to_skip = worker_share(self.skip_batches, logical_id, num_workers) * self.batch_size
+        counts = {"skipped": 0, "shard_errors_before": self.num_shard_errors}
+        raw_samples = buffer_shuffle(self._resampled_raw(rng), self.shuffle_buffer, rng)
+        produced = 0
+        failures_in_row = 0
+        try:
+            while produced < quota:
+                raw = next(raw_samples)
+                item = self._decode(raw, rng, counts)
+                if item is None:
+                    failures_in_row += 1
+                    if failures_in_row >= MAX_CONSECUTIVE_FAILURES:
+                        raise RuntimeError(f"{failures_in_row} samples in a row from {self.spec!r} were "
+                                           "corrupt; check the shards (see the warnings above)")
+                    continue
+                failures_in_row = 0
+                # Skipped samples are still decoded and flipped so the rng advances exactly as before.
+                if produced >= num_to_skip:
+                    yield item
+                produced += 1
+        finally:
+            raw_samples.close()
+            self._report(counts, worker_id)
+
+    def _resampled_raw(self, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Endless raw samples from shards drawn uniformly with replacement."""
+        empty_in_row = 0
+        while True:
+            url = self.urls[rng.randrange(len(self.urls))]
+            got_any = False
+            for raw in self._read_shard(url):
+                got_any = True
+                yield raw
+            empty_in_row = 0 if got_any else empty_in_row + 1
+            if empty_in_row >= max(MAX_CONSECUTIVE_FAILURES // 10, len(self.urls)):
+                raise RuntimeError(f"{empty_in_row} shard reads in a row from {self.spec!r} gave no samples; "
+                                   "check the shards (see the warnings above)")
+
+    def _iter_sequential(self, worker_id: int, num_workers: int) -> Iterator[ImageLabel]:
+        """Read this worker's shards once, in order (flips, if enabled, are still seeded per worker)."""
+        urls = self.worker_shards(worker_id, num_workers)
+        rng = random.Random(worker_seed(self.seed, self.epoch, self.rank, worker_id))
+        counts = {"skipped": 0, "shard_errors_before": self.num_shard_errors}
+        try:
+            for url in urls:
+                for raw in self._read_shard(url):
+                    item = self._decode(raw, rng, counts)
+                    if item is not None:
+                        yield item
+        finally:
+            self._report(counts, worker_id)
+
+    def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
+        """Raw samples (member name -> bytes) of one shard; read errors are logged and counted, not raised."""
+        try:
+            stream = wds.gopen(url, "rb")
+        except Exception as exc:  # noqa: BLE001 - any open failure (missing file, failing pipe) skips the shard
+            self._shard_error(exc)
+            return
+        try:
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=self._shard_error)
+            yield from group_by_keys(files, handler=self._shard_error)
+        finally:
+            try:
+                stream.close()
+            except Exception as exc:  # noqa: BLE001 - a pipe closed early may report SIGPIPE; nothing to do
+                log.debug("closing shard %s: %r", url, exc)
+
+    def _shard_error(self, exc: BaseException) -> bool:
+        """webdataset error handler: warn about an unreadable shard (or shard tail) and carry on."""
+        self.num_shard_errors += 1
+        log.warning("ShardStream(%r): could not read a shard: %r", self.spec, exc)
+        return True
+
+    def _decode(self, raw: dict[str, Any], rng: random.Random, counts: dict[str, int]) -> ImageLabel | None:
+        """Decode one raw sample into ((3, H, W) uint8, int64 label), or return None if it is corrupt."""
+        try:
+            image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+            if image_key is None:
+                raise CorruptSampleError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)}); has {sorted(raw)}")
+            if "cls" not in raw:
+                raise CorruptSampleError(f"no cls member; has {sorted(raw)}")
+            label = _parse_label(raw["cls"], self.num_classes)
+            with Image.open(io.BytesIO(raw[image_key])) as pil_image:
+                pil_image.load()
+                arr = center_crop_arr(pil_image.convert("RGB"), self.image_size)  # (H, W, 3) uint8
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types; one bad sample must never stop training
+            self._skip(raw, exc, counts)
+            return None
+        if self.random_flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]  # (H, W, 3) mirrored left-right
+        image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        return image, torch.tensor(label, dtype=torch.int64)
+
+    def _skip(self, raw: dict[str, Any], exc: Exception, counts: dict[str, int]) -> None:
+        """Count a corrupt sample and warn about the first few, naming the shard and key."""
+        self.num_skipped += 1
+        counts["skipped"] += 1
+        if counts["skipped"] <= MAX_SKIP_WARNINGS:
+            log.warning("skipping corrupt sample %r in shard %s: %s: %s", raw.get("__key__"),
+                        raw.get("__url__"), type(exc).__name__, exc)
+
+    def _report(self, counts: dict[str, int], worker_id: int) -> None:
+        """End-of-stream summary of the corrupt samples and unreadable shards this worker met."""
+        shard_errors = self.num_shard_errors - counts["shard_errors_before"]
+        if counts["skipped"] or shard_errors:
+            log.warning("ShardStream(%r) rank %d worker %d: skipped %d corrupt samples; %d shard read errors",
+                        self.spec, self.rank, worker_id, counts["skipped"], shard_errors)
+
+
+def load_all(shards: str, image_size: int, num_classes: int | None = None) -> tuple[Tensor, Tensor]:
+    """Read every sample of `shards` once, in shard order: uint8 images (N, 3, H, W) and int64 labels (N,)."""
+    stream = ShardStream(shards, image_size, resampled=False, num_classes=num_classes)
+    items = list(stream.iter_worker(0, 1))
+    if not items:
+        raise ValueError(f"load_all: shards {shards!r} yielded no readable samples "
+                         f"({stream.num_skipped} corrupt, {stream.num_shard_errors} shard read errors)")
+    images = torch.stack([image for image, _ in items])  # (N, 3, H, W) uint8
+    labels = torch.stack([label for _, label in items])  # (N,) int64
+    return images, labels

@@ -1,0 +1,125 @@
+"""Sample a trained checkpoint and score it: the body of `evaluate.py`. Imports no training code.
+
+Writes into the output dir: `grid.png` (the first samples), `samples.npz` (ADM layout: `arr_0`
+uint8 NHWC RGB, `arr_1` labels), and `metrics.json` (flat name -> number, plus the sampling settings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from visgen.eval.checkpoint import checkpoint_config, load_checkpoint, load_net
+from visgen.sampling import balanced_labels, generate, save_grid
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate", "sampling_config", "sample_images"]
+
+
+def sampling_config(train_sampling: DictConfig, eval_cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The checkpoint's sampler, replaced by a chosen `sampling=<group>` or patched by `sampling.k=v`."""
+    if any(o.split("=", 1)[0].lstrip("+~") == "sampling" for o in overrides):
+        return eval_cfg.sampling  # a whole group was chosen; its own keys were already applied by Hydra
+    patch = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("sampling.")]
+    merged = OmegaConf.merge(OmegaConf.create({"sampling": train_sampling}), OmegaConf.from_dotlist(patch))
+    return merged.sampling
+
+
+@torch.no_grad()
+def sample_images(net: torch.nn.Module, tokenizer: Any, sampler: Any, labels: torch.Tensor, image_size: int,
+                  batch_size: int, seed: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) samples; batch k draws its noise from a generator seeded (seed, k)."""
+    chunks = []
+    for k, batch_labels in enumerate(labels.split(batch_size)):
+        generator = torch.Generator(labels.device).manual_seed(seed * 1_000_003 + k)
+        chunks.append(generate(net, tokenizer, sampler, batch_labels, image_size, generator).cpu())
+    return torch.cat(chunks)
+
+
+def _digit_metrics(train_cfg: DictConfig, cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor,
+                   device: torch.device) -> dict[str, float]:
+    """Classifier accuracy and classifier-feature FID on the built-in digits."""
+    from visgen.data.stream import load_all
+    from visgen.eval.classifier import load_or_train_digit_classifier
+    from visgen.eval.metrics import classifier_metrics, fid_floor
+
+    data = train_cfg.data
+    classifier = load_or_train_digit_classifier(data.train_shards, data.val_shards, Path(cfg.paths.cache_dir),
+                                                device=device)
+    val_images, _ = load_all(data.val_shards, data.image_size)
+    train_images, _ = load_all(data.train_shards, data.image_size)
+    metrics = classifier_metrics(classifier, images, labels, val_images)
+    metrics["fid_classifier_floor"] = fid_floor(classifier, val_images, train_images)
+    return metrics
+
+
+def _is_builtin_digits(train_cfg: DictConfig) -> bool:
+    from visgen.data.builtin import TRAIN_SHARDS
+
+    return Path(str(train_cfg.data.get("train_shards", ""))).name == TRAIN_SHARDS
+
+
+def _flat(prefix: str, node: Any) -> dict[str, Any]:
+    container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return {f"{prefix}.{k}": v for k, v in container.items() if k != "_target_"}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Sample `cfg.num_samples` class-balanced images from `cfg.ckpt`, write them and their metrics."""
+    checkpoint = load_checkpoint(cfg.ckpt)
+    train_cfg = checkpoint_config(checkpoint)
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    sampling = sampling_config(train_cfg.sampling, cfg, overrides)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt).resolve().parent.parent / "eval" / (
+        f"{Path(cfg.ckpt).stem}_{cfg.num_samples}")
+    if (out_dir / "metrics.json").exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out_dir}/metrics.json exists; pass overwrite=true or a new out_dir=<dir>")
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    net = load_net(checkpoint, use_ema=cfg.use_ema).to(device)
+    tokenizer = instantiate(train_cfg.model.tokenizer).to(device).eval()
+    sampler = instantiate(sampling)
+    num_classes = int(train_cfg.data.num_classes)
+    labels = balanced_labels(cfg.num_samples, num_classes, device)
+
+    start = time.perf_counter()
+    images = sample_images(net, tokenizer, sampler, labels, int(train_cfg.data.image_size), cfg.batch_size,
+                           cfg.seed)  # (N, 3, H, W) uint8
+    seconds = time.perf_counter() - start
+    metrics: dict[str, Any] = {"num_samples": cfg.num_samples, "seed": cfg.seed, "sampling_seconds": seconds,
+                               "images_per_second": cfg.num_samples / seconds}
+    if _is_builtin_digits(train_cfg):
+        metrics.update(_digit_metrics(train_cfg, cfg, images, labels.cpu(), device))
+    metrics.update(_flat("sampling", sampling))
+    metrics["checkpoint_step"] = int(checkpoint.get("global_step", -1))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nrow = num_classes if 0 < num_classes <= 16 else None
+    save_grid(images[: 10 * (nrow or 10)], out_dir / "grid.png", nrow=nrow)
+    np.savez(out_dir / "samples.npz", arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.cpu().numpy())
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _print_table(metrics, out_dir)
+    return metrics
+
+
+def _print_table(metrics: dict[str, Any], out_dir: Path) -> None:
+    table = Table(title=f"visgen evaluate: {out_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    Console().print(f"grid: {out_dir / 'grid.png'}\nsamples: {out_dir / 'samples.npz'}\n"
+                    f"metrics: {out_dir / 'metrics.json'}")

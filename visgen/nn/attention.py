@@ -1,0 +1,37 @@
+"""Multi-head self-attention on PyTorch's fused SDPA kernels, and the transformer MLP.
+
+Hand-written rather than timm's `Attention` because later paradigms need hooks timm's class does
+not take (rotary position embeddings, QK-norm, KV caches); parameter names (`qkv`, `proj`) match
+DiT/timm so official checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+__all__ = ["Attention", "Mlp"]
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention; optional per-head RMS QK-norm."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, L, D) -> (B, L, D)."""
+        qkv = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]  # (B, H, L, Dh) each
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
+        return self.proj(rearrange(x, "b h l d -> b l (h d)"))  # (B, L, D)

@@ -1,0 +1,387 @@
+"""Load the official DiT/SiT checkpoints into visgen nets, strictly, and start runs from them.
+
+Two entry points:
+
+* `load_official(experiment, path)` builds `cfg.model.net` of a preset on the meta device and assigns
+  a released file's tensors into it: every key of the file used, every shape checked, nothing left
+  over. It reads raw state dicts (the released DiT-XL/2 256/512 and SiT-XL/2 files), the official
+  training scripts' checkpoints (`{"model", "ema", "opt", "args"}`, EMA taken when present), visgen
+  `.ckpt` files (EMA) and `.safetensors`.
+* `init_net_from(net, ema, path, experiment)` copies such weights (or a visgen checkpoint's `net.`
+  and `ema.` weights) into an already built net and its EMA: the body of `model.init_from`, a new
+  run from given weights with a fresh optimizer (unlike a resume).
+
+A file whose layout does not fit is refused with up to five differing keys and the presets whose
+layout it does fit. Key names go through a per-family mapping (`register_key_map`): the identity
+for DiT and SiT, whose names `visgen.nn.dit.DiT` keeps; REPA and MAR add theirs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CONF_DIR",
+    "LayoutMismatchError",
+    "LayoutDiff",
+    "compose_experiment",
+    "known_experiments",
+    "preset_layout",
+    "matching_experiments",
+    "read_checkpoint",
+    "official_state_dict",
+    "register_key_map",
+    "map_keys",
+    "load_strict",
+    "load_official",
+    "init_net_from",
+]
+
+#: The Hydra tree the presets live in (the repository's `conf/`, beside the package).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+#: Wrapper prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) put before every key.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: How many differing keys an error names.
+MAX_NAMED_KEYS = 5
+
+Shape = tuple[int, ...]
+StateDict = dict[str, Tensor]
+KeyMap = Callable[[StateDict], StateDict]
+
+
+class LayoutMismatchError(ValueError):
+    """A weights file whose keys or shapes do not fit the net it is loaded into."""
+
+
+# ----- presets: their configs and expected layouts ------------------------------------------------
+@contextmanager
+def _hydra_on_conf_dir() -> Iterator[None]:
+    """Initialise Hydra on CONF_DIR, also inside a running Hydra app (train.py), restoring its state after."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    if not CONF_DIR.is_dir():
+        raise FileNotFoundError(f"the Hydra config tree {CONF_DIR} is missing; run from a visgen checkout "
+                                "(pip install -e .) so conf/ sits beside the package")
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            yield
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def compose_experiment(experiment: str, overrides: Sequence[str] = ()) -> Any:
+    """The composed training config (`conf/train.yaml`) of `experiment=<name>` plus `overrides`."""
+    from hydra import compose
+
+    if experiment not in known_experiments():
+        raise ValueError(f"unknown experiment {experiment!r}; presets in {CONF_DIR / 'experiment'}: "
+                         f"{', '.join(known_experiments())}")
+    with _hydra_on_conf_dir():
+        return compose("train", overrides=[f"experiment={experiment}", *overrides])
+
+
+def known_experiments() -> list[str]:
+    """Names of every preset in conf/experiment/."""
+    return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def _build_on_meta(cfg: Any) -> nn.Module:
+    """Instantiate `cfg.model.net` on the meta device (no memory, no init cost)."""
+    from hydra.utils import instantiate
+
+    with torch.device("meta"):
+        return instantiate(cfg.model.net)
+
+
+def _layout(state: Mapping[str, Tensor]) -> dict[str, Shape]:
+    """key -> shape of a state dict."""
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+@functools.cache
+def preset_layout(experiment: str) -> dict[str, Shape]:
+    """key -> shape of the net that `experiment` builds (computed on the meta device, cached)."""
+    return _layout(_build_on_meta(compose_experiment(experiment)).state_dict())
+
+
+def matching_experiments(layout: Mapping[str, Shape], prefer: str | None = None) -> list[str]:
+    """Presets whose net has exactly this key -> shape layout; `prefer`'s family listed first."""
+    family = _family(prefer) if prefer else None
+    names = sorted(known_experiments(), key=lambda name: (_family(name) != family, name))
+    matches = []
+    for name in names:
+        try:
+            if preset_layout(name) == dict(layout):
+                matches.append(name)
+        except Exception as err:  # a preset that does not build is no candidate; test_configs reports it
+            log.debug("skipped preset %s while searching for a matching layout: %s", name, err)
+    return matches
+
+
+# ----- comparing layouts ---------------------------------------------------------------------------
+@dataclass
+class LayoutDiff:
+    """What separates a file's key -> shape layout from a net's."""
+
+    missing: list[str] = field(default_factory=list)  # in the net, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the net
+    mismatched: list[tuple[str, Shape, Shape]] = field(default_factory=list)  # (key, file shape, net shape)
+
+    @classmethod
+    def between(cls, file: Mapping[str, Shape], net: Mapping[str, Shape]) -> LayoutDiff:
+        """Compare a file's layout with a net's."""
+        return cls(
+            missing=[k for k in net if k not in file],
+            unexpected=[k for k in file if k not in net],
+            mismatched=[(k, tuple(file[k]), tuple(net[k])) for k in net if k in file and file[k] != net[k]],
+        )
+
+    @property
+    def ok(self) -> bool:
+        """True when keys and shapes agree exactly."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, net_layout: Mapping[str, Shape], limit: int = MAX_NAMED_KEYS) -> str:
+        """Counts of each kind and up to `limit` named keys, taken from every kind in turn."""
+        lines = [
+            *(f"  missing from the file: {k} {tuple(net_layout[k])}" for k in self.missing),
+            *(f"  unexpected in the file: {k}" for k in self.unexpected),
+            *(f"  shape mismatch: {k}: file {f} vs net {n}" for k, f, n in self.mismatched),
+        ]
+        kinds = [lines[: len(self.missing)], lines[len(self.missing): len(self.missing) + len(self.unexpected)],
+                 lines[len(self.missing) + len(self.unexpected):]]
+        named = [line for line in itertools.chain.from_iterable(itertools.zip_longest(*kinds)) if line][:limit]
+        counts = (f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                  f"{len(self.mismatched)} shape mismatches")
+        more = len(lines) - len(named)
+        return counts + ":\n" + "\n".join(named) + (f"\n  ... and {more} more" if more else "")
+
+
+def _numel(layout: Mapping[str, Shape]) -> int:
+    """Total number of values of a layout."""
+    total = 0
+    for shape in layout.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def _mismatch_error(what: str, target: str, file_layout: Mapping[str, Shape], net_layout: Mapping[str, Shape],
+                    experiment: str | None) -> LayoutMismatchError:
+    """The error for a file that does not fit: differing keys, sizes, and the presets it does fit."""
+    diff = LayoutDiff.between(file_layout, net_layout)
+    matches = matching_experiments(file_layout, prefer=experiment)
+    if matches:
+        alt = " or ".join(f"experiment={m}" for m in matches)
+        hint = f"this file matches {alt}; load it with that preset"
+    else:
+        hint = (f"no preset in {CONF_DIR / 'experiment'} matches its layout; check that the file is a checkpoint "
+                "of this model family, or add a key mapping with visgen.official.register_key_map")
+    return LayoutMismatchError(
+        f"{what} does not fit {target}: the file has {len(file_layout)} tensors ({_numel(file_layout):,} values), "
+        f"the net {len(net_layout)} ({_numel(net_layout):,}); {diff.describe(net_layout)}\n{hint}"
+    )
+
+
+# ----- reading files -------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
+    """Read a `.safetensors` file, or a torch file with weights_only=True (argparse args allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(map_location))
+    # The official training scripts pickle their argparse.Namespace as "args": a plain attribute
+    # bag, safe to allow; anything else that is not tensors or containers stays refused.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: torch.load(weights_only=True) could not read it ({type(err).__name__}: {err})"
+                         ) from err
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+    return obj
+
+
+def _is_state_dict(obj: Mapping[str, Any]) -> bool:
+    """A non-empty mapping of names to tensors."""
+    return bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _strip_wrapper_prefixes(state: StateDict, what: str) -> StateDict:
+    """Remove `module.`/`_orig_mod.` when every key carries it (DDP / torch.compile wrappers)."""
+    stripped = []
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        stripped.append(prefix)
+    if stripped:
+        log.info("%s: stripped the wrapper prefix %s from every key", what, "".join(stripped))
+    return state
+
+
+def _visgen_weights(obj: Mapping[str, Any], prefix: str, what: str) -> StateDict:
+    """The `<prefix>`-keyed tensors of a visgen checkpoint's state_dict, prefix removed."""
+    state = {k[len(prefix):]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        tops = sorted({k.split(".")[0] for k in obj["state_dict"]})
+        raise KeyError(f"{what} has no weights under '{prefix}'; its state_dict holds {tops}")
+    return state
+
+
+def _is_visgen(obj: Mapping[str, Any]) -> bool:
+    """A visgen Lightning checkpoint (state_dict + visgen metadata)."""
+    return "visgen" in obj and isinstance(obj.get("state_dict"), Mapping)
+
+
+def official_state_dict(obj: Mapping[str, Any], what: str) -> tuple[StateDict, str]:
+    """The weights to load from a read file, and which part they came from (EMA whenever present)."""
+    if _is_state_dict(obj):
+        state, source = dict(obj), "raw state dict"
+    elif _is_visgen(obj):
+        state = _visgen_weights(obj, obj["visgen"].get("ema_prefix", "ema."), what)
+        source = "visgen checkpoint, EMA weights"
+    elif isinstance(obj.get("ema"), Mapping):
+        state, source = dict(obj["ema"]), "training-script checkpoint, its 'ema' weights"
+    elif isinstance(obj.get("model"), Mapping):
+        state, source = dict(obj["model"]), "training-script checkpoint without 'ema': its raw 'model' weights"
+        log.warning("%s has no 'ema' entry: loading its raw 'model' weights", what)
+    else:
+        raise ValueError(f"{what} is neither a state dict nor a checkpoint with 'ema'/'model' weights; "
+                         f"top-level keys: {sorted(map(str, obj))[:10]}")
+    log.info("%s: using the %s", what, source)
+    return _strip_wrapper_prefixes(state, what), source
+
+
+# ----- key mappings per family ---------------------------------------------------------------------
+_KEY_MAPS: dict[str, KeyMap] = {}
+
+
+def _family(experiment: str) -> str:
+    """A preset's family: its name up to the first underscore (dit_xl_2 -> dit)."""
+    return experiment.split("_", 1)[0]
+
+
+def register_key_map(*families: str) -> Callable[[KeyMap], KeyMap]:
+    """Decorator: use this official-name -> visgen-name mapping for the presets of `families`."""
+
+    def register(fn: KeyMap) -> KeyMap:
+        for family in families:
+            _KEY_MAPS[family] = fn
+        return fn
+
+    return register
+
+
+@register_key_map("dit", "sit")
+def _identity(state: StateDict) -> StateDict:
+    """visgen.nn.dit.DiT keeps the official DiT/SiT parameter names: nothing to rename."""
+    return state
+
+
+def map_keys(state: StateDict, experiment: str | None) -> StateDict:
+    """Rename official keys to visgen's with the family's mapping (identity for unknown families)."""
+    return _KEY_MAPS.get(_family(experiment), _identity)(state) if experiment else state
+
+
+# ----- loading -------------------------------------------------------------------------------------
+def load_strict(net: nn.Module, state: Mapping[str, Tensor], what: str, experiment: str | None = None) -> None:
+    """Load `state` into `net`: keys and shapes checked first, then `strict=True` (assign on meta nets).
+
+    Floating tensors are cast to the net's dtype; the nets' `requires_grad` flags (frozen pos_embed,
+    a frozen EMA) are kept as they were before loading.
+    """
+    net_state = net.state_dict()
+    net_layout, file_layout = _layout(net_state), _layout(state)
+    if file_layout != net_layout:
+        target = f"experiment={experiment}" if experiment else f"the {type(net).__name__} net"
+        raise _mismatch_error(what, target, file_layout, net_layout, experiment)
+    cast = {}
+    for k, v in state.items():
+        dtype = net_state[k].dtype
+        cast[k] = v.to(dtype) if v.is_floating_point() and dtype.is_floating_point and v.dtype != dtype else v
+    if any(v.dtype != cast[k].dtype for k, v in state.items()):
+        log.info("%s: cast %s tensors to the net's dtype", what, sorted({str(v.dtype) for v in state.values()}))
+    flags = {name: p.requires_grad for name, p in net.named_parameters()}
+    on_meta = any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers()))
+    net.load_state_dict(cast, strict=True, assign=on_meta)
+    for name, p in net.named_parameters():
+        p.requires_grad_(flags[name])  # assign=True swaps the Parameter objects in
+    left = [n for n, t in itertools.chain(net.named_parameters(), net.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{what}: {left[:MAX_NAMED_KEYS]} stayed on the meta device (not in the state dict); "
+                           "the family's key map must rebuild them after loading")
+
+
+def load_official(experiment: str, path: str | Path, map_location: str | torch.device = "cpu",
+                  overrides: Sequence[str] = ()) -> nn.Module:
+    """The net of preset `experiment` holding the weights of `path` (an official release, training-script
+    checkpoint, visgen checkpoint or safetensors file), loaded strictly; returned in eval mode."""
+    path = Path(path)
+    net = _build_on_meta(compose_experiment(experiment, overrides))
+    state, source = official_state_dict(read_checkpoint(path, map_location), str(path))
+    load_strict(net, map_keys(state, experiment), str(path), experiment)
+    log.info("loaded %s (%s) into experiment=%s: %s parameters", path, source, experiment,
+             f"{sum(p.numel() for p in net.parameters()):,}")
+    return net.eval()
+
+
+def init_net_from(net: nn.Module, ema: nn.Module | None, path: str | Path, experiment: str | None = None) -> str:
+    """Overwrite `net` (and `ema`) with the weights of `path`, strictly, to start a new run from them.
+
+    A visgen `.ckpt` gives `net.` to the net and `ema.` to the EMA. An official training-script
+    checkpoint gives 'model' to the net and 'ema' to the EMA; a raw state dict (a release, a
+    safetensors file) gives its weights to both, as DiT starts its EMA from a copy. Returns a one-line
+    description of what was loaded, for the run's log.
+    """
+    path = Path(path)
+    obj = read_checkpoint(path)
+    what = str(path)
+    if _is_visgen(obj):
+        net_state = _strip_wrapper_prefixes(_visgen_weights(obj, "net.", what), what)
+        ema_prefix = obj["visgen"].get("ema_prefix", "ema.")
+        has_ema = any(k.startswith(ema_prefix) for k in obj["state_dict"])
+        ema_state = _strip_wrapper_prefixes(_visgen_weights(obj, ema_prefix, what), what) if has_ema else net_state
+        others = sorted({k.split(".")[0] for k in obj["state_dict"]} - {"net", ema_prefix.rstrip(".")})
+        if others:
+            log.info("%s: not loading the checkpoint's %s weights (only net and EMA start a run)", what, others)
+        source = "visgen checkpoint: net <- 'net.', EMA <- " + ("'ema.'" if has_ema else "'net.' (it has no EMA)")
+    elif not _is_state_dict(obj) and isinstance(obj.get("model"), Mapping) and isinstance(obj.get("ema"), Mapping):
+        net_state = _strip_wrapper_prefixes(dict(obj["model"]), what)
+        ema_state = _strip_wrapper_prefixes(dict(obj["ema"]), what)
+        source = "training-script checkpoint: net <- 'model', EMA <- 'ema'"
+    else:
+        net_state, part = official_state_dict(obj, what)
+        ema_state = net_state
+        source = f"{part}: net and EMA <- the same weights"
+    load_strict(net, map_keys(net_state, experiment), f"{what} (net weights)", experiment)
+    if ema is not None:
+        if ema_state is net_state and any(t.is_meta for t in ema.parameters()):
+            ema_state = {k: v.clone() for k, v in net_state.items()}  # assign must not alias the net's tensors
+        load_strict(ema, map_keys(ema_state, experiment), f"{what} (EMA weights)", experiment)
+    log.info("init_from %s (%s)", path, source)
+    return f"{path} ({source})"

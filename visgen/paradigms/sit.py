@@ -1,0 +1,32 @@
+"""SiT: Scalable Interpolant Transformers (Ma et al., 2024), the linear-interpolant flow model.
+
+Method (SiT Sec. 2, with its conventions: t ∈ [0, 1], t = 1 the data):
+    x_t = t · x + (1 − t) · ε,            ε ~ N(0, I), t ~ U[0, 1]
+    L   = E ‖v_θ(x_t, t, y) − (x − ε)‖²    (velocity prediction)
+Sampling integrates dx/dt = v_θ(x, t, y) from t = 0 (noise) to t = 1 with an ODE (Euler/Heun) or
+SDE solver, with classifier-free guidance; the sampler comes from the `sampling` config.
+The network is the DiT backbone (`visgen.nn.dit.DiT`); the released SiT checkpoints keep DiT's
+learned-Σ output channels, which SiT never reads (the interpolant uses the first C channels).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from visgen.diffusion.interpolants import LinearInterpolant
+from visgen.training.module import GenerativeModule
+
+__all__ = ["SiT"]
+
+
+class SiT(GenerativeModule):
+    """Flow matching with a linear interpolant and velocity prediction."""
+
+    def __init__(self, *, interpolant: LinearInterpolant | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.interpolant = interpolant or LinearInterpolant()
+
+    def loss(self, net: nn.Module, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample velocity MSE (B,) at a uniformly drawn time."""
+        return self.interpolant.training_loss(net, latents, labels, generator=generator)

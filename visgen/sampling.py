@@ -1,0 +1,55 @@
+"""Sampling glue shared by training (sample grids) and evaluation: sampler -> tokenizer -> uint8.
+
+Lives outside `visgen.training` so that evaluation never imports training code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.utils import make_grid, save_image
+
+from visgen.tokenizers.base import Tokenizer
+
+__all__ = ["generate", "to_uint8", "from_uint8", "save_grid", "balanced_labels"]
+
+
+def from_uint8(images: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) in 0..255 -> float in [-1, 1] (done on device: loaders ship uint8)."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float -> uint8, as DiT's sample_ddp.py: clamp(127.5 x + 128) then truncate."""
+    return (127.5 * images.float() + 128.0).clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def generate(
+    net: nn.Module,
+    tokenizer: Tokenizer,
+    sampler: Callable[..., Tensor],
+    labels: Tensor,
+    image_size: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample latents for `labels` (B,) with `sampler`, decode them: uint8 (B, 3, H, W) images."""
+    latents = sampler(net, labels, tokenizer.latent_shape(image_size), generator=generator)  # (B, C, h, w)
+    return to_uint8(tokenizer.decode(latents))  # (B, 3, H, W)
+
+
+def balanced_labels(num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor:
+    """Class-balanced labels 0, 1, ..., K-1, 0, 1, ... (all zeros for an unconditional model)."""
+    return torch.arange(num_samples, device=device) % max(num_classes, 1)  # (N,)
+
+
+def save_grid(images_uint8: Tensor, path: Path, nrow: int | None = None) -> Path:
+    """Write a PNG grid of uint8 (B, 3, H, W) images; nrow defaults to a square-ish grid."""
+    nrow = nrow or max(1, int(len(images_uint8) ** 0.5))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(images_uint8.cpu().float() / 255.0, nrow=nrow, padding=2, pad_value=1.0)
+    save_image(grid, path)
+    return path

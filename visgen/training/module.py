@@ -1,0 +1,185 @@
+"""The one LightningModule every paradigm extends: optimisation, EMA, precision, checkpoints, sampling.
+
+A paradigm subclass supplies only its method: `loss(net, latents, labels)` (per-sample, shape (B,))
+and a sampler (built from the `sampling` config). Everything else a month-long run needs lives
+here once: AdamW with a warmup schedule and a weight-decay rule, gradient-norm logging (clipping
+is the Trainer's `gradient_clip_val`), an EMA copy of the net, optional torch.compile, a hard stop
+on a non-finite loss, and run metadata plus per-rank RNG states in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from visgen.sampling import from_uint8, generate
+from visgen.tokenizers.base import Tokenizer
+from visgen.training.ema import ema_update, make_ema
+from visgen.training.rng import capture_rng_states, restore_rng_state
+
+__all__ = ["GenerativeModule", "EMA_PREFIX", "param_groups", "lr_multiplier"]
+
+#: Documented checkpoint key: the EMA weights are `checkpoint["state_dict"]["ema." + <net key>]`.
+EMA_PREFIX = "ema."
+
+
+def param_groups(net: nn.Module, weight_decay: float, decay_min_ndim: int) -> list[dict[str, Any]]:
+    """Split trainable parameters: weights with ndim >= decay_min_ndim decay, the rest (biases,
+    norms, 1-D embeddings) do not (nanoGPT's rule with decay_min_ndim=2)."""
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= decay_min_ndim]
+    no_decay = [p for p in trainable if p.ndim < decay_min_ndim]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Linear warmup from 0, then `constant` or `cosine` decay to `min_ratio` of the peak at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}; use 'constant' or 'cosine' (model.optimizer.schedule)")
+
+
+class GenerativeModule(L.LightningModule):
+    """Base class: owns `net`, its EMA, the tokenizer and the sampler; subclasses define `loss`."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        tokenizer: Tokenizer,
+        sampler: Callable[..., Tensor],
+        optimizer: Mapping[str, Any],
+        image_size: int,
+        batch_global: int,
+        ema_decay: float = 0.9999,
+        compile: bool = False,
+        num_val_generator_seed: int = 0,
+    ):
+        super().__init__()
+        self.net = net
+        self.ema = make_ema(net)
+        self.tokenizer = tokenizer.requires_grad_(False)
+        self.sampler = sampler
+        self.optimizer_cfg = dict(optimizer)
+        self.image_size = image_size
+        self.batch_global = batch_global
+        self.ema_decay = ema_decay
+        self.compile_net = compile
+        self.val_seed = num_val_generator_seed
+        #: Set by train.py: config, seed, git state, versions; copied into every checkpoint.
+        self.run_info: dict[str, Any] = {}
+        self._ema_step = 0
+        self._rng_to_restore: list[dict[str, Any]] | None = None
+
+    # ----- the paradigm's part -------------------------------------------------------------
+    def loss(self, net: nn.Module, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample training loss (B,) of `net` on normalised latents; paradigms override this."""
+        raise NotImplementedError
+
+    # ----- data -> latents -----------------------------------------------------------------
+    @torch.no_grad()
+    def to_latents(self, images_uint8: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """uint8 images from the loader -> normalised latents (tokenizer encode + posterior draw)."""
+        return self.tokenizer.sample(self.tokenizer.encode(from_uint8(images_uint8)), generator)
+
+    # ----- training ------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Compile the net in place (state-dict keys unchanged) when `model.compile=true`."""
+        if self.compile_net and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = self.loss(self.net, self.to_latents(images), labels).mean()
+        if not torch.isfinite(loss):
+            # Raising here stops fit before the optimizer step: weights, EMA and the last
+            # checkpoint on disk stay as they were after the last good step.
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                "the run stopped and the last good checkpoint is untouched. Lower model.optimizer.lr, enable "
+                "trainer.gradient_clip_val, or resume from that checkpoint with ckpt_path=last."
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the total gradient norm before clipping (a cheap early warning of divergence)."""
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Update the EMA once per optimizer step (not per micro-batch under accumulation)."""
+        if self.global_step > self._ema_step:
+            ema_update(self.ema, self.net, self.ema_decay)
+            self._ema_step = self.global_step
+
+    def on_train_epoch_start(self) -> None:
+        """Tell the data stream which epoch starts, before its iterator (and workers) are made."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optimizer_cfg
+        lr = cfg["lr"]
+        if cfg.get("lr_batch_base"):  # MAR's rule: lr = base_lr * batch / 256
+            lr = lr * self.batch_global / cfg["lr_batch_base"]
+        groups = param_groups(self.net, cfg.get("weight_decay", 0.0), cfg.get("decay_min_ndim", 2))
+        fused = self.device.type in ("cuda", "cpu")
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=cfg.get("eps", 1e-8),
+                                fused=fused)
+        total_steps = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        warmup, schedule, min_ratio = cfg.get("warmup_steps", 0), cfg.get("schedule", "constant"), cfg.get(
+            "min_lr_ratio", 0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_multiplier(step, warmup, total_steps, schedule, min_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- validation and sampling ---------------------------------------------------------
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """EMA loss on held-out images with fixed noise (its own generator: no global RNG drawn)."""
+        images, labels = batch
+        generator = torch.Generator(self.device).manual_seed(self.val_seed + batch_idx)
+        latents = self.to_latents(images, generator)
+        loss = self.loss(self.ema, latents, labels, generator=generator).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(labels))
+
+    @torch.no_grad()
+    def sample(self, labels: Tensor, sampler: Callable[..., Tensor] | None = None,
+               generator: torch.Generator | None = None, use_ema: bool = True) -> Tensor:
+        """Generate uint8 (B, 3, H, W) images for `labels` with the EMA net (or the raw net)."""
+        net = self.ema if use_ema else self.net
+        return generate(net, self.tokenizer, sampler or self.sampler, labels.to(self.device), self.image_size,
+                        generator)
+
+    # ----- checkpoints ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add run metadata and every rank's RNG state (bitwise resume at epoch boundaries)."""
+        checkpoint["visgen"] = {**self.run_info, "ema_prefix": EMA_PREFIX, "tokenizer_id": self.tokenizer.id,
+                                "ema_step": self._ema_step}
+        checkpoint["rng_states"] = capture_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._ema_step = checkpoint.get("visgen", {}).get("ema_step", 0)
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        """Restore RNG states last, after Lightning's setup, so nothing draws from them before step 1."""
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore, self.global_rank)
+            self._rng_to_restore = None

@@ -1,0 +1,50 @@
+"""Build everything from the composed config and fit: the body of `train.py`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
+
+from visgen.training.run import collect_provenance, resolve_resume, write_run_files
+
+log = logging.getLogger(__name__)
+
+__all__ = ["train"]
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a config group dict (callbacks, loggers)."""
+    return [instantiate(v) for v in (node or {}).values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit `cfg.model` on `cfg.data` with `cfg.trainer`; return the final logged metrics."""
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    L.seed_everything(cfg.seed, workers=False)  # data workers seed themselves (seed, epoch, rank, worker)
+    run_dir = Path(cfg.paths.run_dir)
+    # Only rank 0 judges whether the run dir is occupied: other ranks may start after it wrote run.json.
+    resume_from = resolve_resume(run_dir, cfg.ckpt_path, refuse_occupied=rank_zero_only.rank == 0)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    provenance = collect_provenance(cfg)
+    model.run_info = {k: v for k, v in provenance.items() if k != "argv"}
+
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
+                                     logger=loggers or False)
+    trainer.accumulate_grad_batches = datamodule.accumulate_grad_batches(trainer.world_size)
+    if trainer.is_global_zero:
+        write_run_files(run_dir, provenance, resume_from)
+        log.info("run dir: %s (%s)", run_dir, f"resuming from {resume_from}" if resume_from else "fresh start")
+        log.info("net parameters: %s; grad accumulation: %d", f"{sum(p.numel() for p in model.net.parameters()):,}",
+                 trainer.accumulate_grad_batches)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
