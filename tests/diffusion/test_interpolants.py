@@ -1,12 +1,20 @@
-"""Tests for the linear (SiT) interpolant: path endpoints, velocity target, time sampling and the loss."""
+"""Tests for SiT's interpolants (linear, GVP, VP): paths, targets, conversions, time intervals and losses."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from visgen.diffusion.interpolants import LinearInterpolant, velocity_channels
+from visgen.diffusion.interpolants import (
+    GVPInterpolant,
+    Interpolant,
+    LinearInterpolant,
+    VPInterpolant,
+    velocity_channels,
+)
 
 
 def test_path_endpoints_are_noise_and_data() -> None:
@@ -119,3 +127,174 @@ def test_velocity_channels_rejects_incompatible_outputs() -> None:
         velocity_channels(torch.zeros(2, 3, 3, 3), x)
     with pytest.raises(ValueError, match="incompatible"):
         velocity_channels(torch.zeros(2, 4, 2, 3), x)
+
+
+# ------------------------------------------------------------------------------------------- GVP and VP paths
+PATHS = [LinearInterpolant, GVPInterpolant, VPInterpolant]
+PREDICTIONS = ["velocity", "noise", "score"]
+
+
+def short_id(value: object) -> str:
+    """Readable test id: 'GVP-noise' for an interpolant, str(value) otherwise."""
+    if isinstance(value, Interpolant):
+        return f"{type(value).__name__.removesuffix('Interpolant')}-{value.prediction}"
+    return str(value)
+
+
+def test_gvp_and_vp_coefficients_match_sit() -> None:
+    """GVP is (sin, cos)(pi t / 2); VP is SiT's VPCPlan with beta in [0.1, 20], both variance preserving."""
+    t = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)  # (T,)
+    gvp, vp = GVPInterpolant(), VPInterpolant()
+    torch.testing.assert_close(gvp.alpha(t), torch.sin(math.pi * t / 2))
+    torch.testing.assert_close(gvp.sigma(t), torch.cos(math.pi * t / 2))
+    log_mean = -0.25 * (1 - t) ** 2 * (20.0 - 0.1) - 0.5 * (1 - t) * 0.1  # (T,): SiT's log_mean_coeff
+    torch.testing.assert_close(vp.alpha(t), torch.exp(log_mean))
+    torch.testing.assert_close(vp.sigma(t), torch.sqrt(1 - torch.exp(2 * log_mean)))
+    for path in (gvp, vp):
+        torch.testing.assert_close(path.alpha(t) ** 2 + path.sigma(t) ** 2, torch.ones_like(t))
+        assert float(path.alpha(t[-1:])) == 1.0 and abs(float(path.sigma(t[-1:]))) < 1e-15
+    assert float(gvp.alpha(t[:1])) == 0.0 and float(gvp.sigma(t[:1])) == 1.0
+    assert abs(float(vp.alpha(t[:1])) - math.exp(-(20.0 + 0.1) / 4)) < 1e-15  # 6.6e-3: t = 0 is ~N(0, I)
+    torch.testing.assert_close(vp.beta(t), 0.1 + (1 - t) * 19.9)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_derivatives_log_ratio_and_score_coefficient_are_consistent(path: type[Interpolant]) -> None:
+    """alpha', sigma' match central differences; d log alpha = alpha'/alpha; g = d sigma^2 - sigma sigma'."""
+    interp, t, h = path(), torch.linspace(0.02, 0.98, 25, dtype=torch.float64), 1e-6  # (T,)
+    for f, df in ((interp.alpha, interp.d_alpha), (interp.sigma, interp.d_sigma)):
+        torch.testing.assert_close(df(t), (f(t + h) - f(t - h)) / (2 * h), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(interp.d_log_alpha(t), interp.d_alpha(t) / interp.alpha(t))
+    sigma = interp.sigma(t)
+    expected = interp.d_alpha(t) / interp.alpha(t) * sigma**2 - sigma * interp.d_sigma(t)  # (T,)
+    torch.testing.assert_close(interp.score_coefficient(t), expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_prediction_conversions_are_exact(path: type[Interpolant]) -> None:
+    """On x_t = alpha x + sigma eps: v <-> eps <-> s = -eps / sigma convert exactly, at every t in (0, 1)."""
+    gen = torch.Generator().manual_seed(12)
+    x, eps = torch.randn(6, 3, 4, generator=gen, dtype=torch.float64), torch.randn(6, 3, 4, generator=gen)
+    eps = eps.to(torch.float64)  # (B, C, L)
+    t = torch.tensor([0.01, 0.1, 0.35, 0.6, 0.9, 0.99], dtype=torch.float64)  # (B,)
+    interp = path()
+    x_t, v = interp.path(x, eps, t)  # (B, C, L) each
+    score = -eps / interp.sigma(t)[:, None, None]  # (B, C, L)
+    tight = {"rtol": 1e-9, "atol": 1e-9}
+    torch.testing.assert_close(interp.noise_from_velocity(v, x_t, t), eps, **tight)
+    torch.testing.assert_close(interp.score_from_velocity(v, x_t, t), score, **tight)
+    torch.testing.assert_close(interp.velocity_from_noise(eps, x_t, t), v, **tight)
+    torch.testing.assert_close(interp.velocity_from_score(score, x_t, t), v, **tight)
+    torch.testing.assert_close(interp.score_from_noise(eps, x_t, t), score, **tight)
+    for prediction, out in (("velocity", v), ("noise", eps), ("score", score)):
+        typed = path(prediction=prediction)
+        padded = torch.cat([out, torch.full_like(out, 99.0)], dim=1)  # (B, 2C, L): learned-Sigma channels ignored
+        torch.testing.assert_close(typed.velocity_from_output(padded, x_t, t), v, **tight)
+        torch.testing.assert_close(typed.score_from_output(padded, x_t, t), score, **tight)
+        torch.testing.assert_close(typed.target(x, eps, t), out, rtol=0, atol=0)
+
+
+def test_velocity_to_score_is_finite_where_alpha_vanishes() -> None:
+    """SiT's form ((1/d) v - x) / (...) gives the prior score -x at t = 0 on the linear and GVP paths."""
+    x, v = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)  # (B, C)
+    for interp in (LinearInterpolant(), GVPInterpolant()):
+        torch.testing.assert_close(interp.score_from_velocity(v, x, torch.zeros(3, dtype=torch.float64)), -x)
+
+
+class TargetOracle:
+    """Returns the interpolant's true target for the (t, noise) a same-seeded generator draws."""
+
+    num_classes = 10
+
+    def __init__(self, interp: Interpolant, x: Tensor, seed: int, offset: float = 0.0) -> None:
+        """Replay the interpolant's draws; `offset` adds a constant prediction error."""
+        self.interp, self.x, self.offset = interp, x, offset
+        self.t, self.noise = interp.draw(x, torch.Generator().manual_seed(seed))
+
+    def __call__(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        assert torch.equal(t, self.t)
+        return self.interp.target(self.x, self.noise, t) + self.offset  # (B, C, H, W)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("loss_weight", [None, "velocity", "likelihood"])
+def test_training_loss_is_zero_for_the_true_target(path: type[Interpolant], prediction: str, loss_weight: str) -> None:
+    """A net returning the true velocity, eps or -eps / sigma gets zero loss under any path and weighting."""
+    x = torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)  # (B, C, H, W)
+    interp = path(prediction=prediction, loss_weight=loss_weight)
+    net = TargetOracle(interp, x, seed=5)
+    loss = interp.training_loss(net, x, torch.arange(8), generator=torch.Generator().manual_seed(5))
+    assert loss.shape == (8,)
+    torch.testing.assert_close(loss, torch.zeros(8, dtype=torch.float64), rtol=0, atol=1e-20)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_noise_and_score_losses_follow_sit_weighting(path: type[Interpolant]) -> None:
+    """Constant error delta: noise loss w delta^2; score loss w sigma^2 delta^2 (SiT: |sigma s + eps|^2)."""
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)  # (B, C)
+    for loss_weight in (None, "velocity", "likelihood"):
+        for prediction in ("noise", "score"):
+            interp = path(prediction=prediction, loss_weight=loss_weight)
+            net = TargetOracle(interp, x, seed=7, offset=0.5)
+            loss = interp.training_loss(net, x, torch.arange(8), generator=torch.Generator().manual_seed(7))
+            g, sigma = interp.score_coefficient(net.t), interp.sigma(net.t)  # (B,) each
+            weight = {None: 1.0, "velocity": (g / sigma) ** 2, "likelihood": g / sigma**2}[loss_weight]
+            scale = 1.0 if prediction == "noise" else sigma**2
+            torch.testing.assert_close(loss, weight * scale * 0.25 * torch.ones(8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("interp", "train", "sample", "sde"),
+    [
+        (LinearInterpolant(), (0.0, 1.0), (0.0, 1.0), (0.0, 0.96)),
+        (GVPInterpolant(), (0.0, 1.0), (0.0, 1.0), (0.0, 0.96)),
+        (LinearInterpolant(prediction="noise"), (1e-3, 1 - 1e-3), (1e-3, 1 - 1e-3), (1e-3, 0.96)),
+        (GVPInterpolant(prediction="score"), (1e-3, 1 - 1e-3), (1e-3, 1 - 1e-3), (1e-3, 0.96)),
+        (VPInterpolant(), (0.0, 1 - 1e-5), (0.0, 1 - 1e-3), (0.0, 0.96)),
+        (VPInterpolant(prediction="noise"), (0.0, 1 - 1e-5), (0.0, 1 - 1e-3), (0.0, 0.96)),
+    ],
+    ids=short_id,
+)
+def test_time_intervals_follow_sit_check_interval(
+    interp: Interpolant, train: tuple[float, float], sample: tuple[float, float], sde: tuple[float, float]
+) -> None:
+    """Training, ODE and SDE (last step 0.04) intervals are SiT's; training times are uniform on them."""
+    torch.testing.assert_close(interp.time_interval(sampling=False), train, rtol=0, atol=1e-15)
+    torch.testing.assert_close(interp.time_interval(sampling=True), sample, rtol=0, atol=1e-15)
+    got = interp.time_interval(sampling=True, sde=True, last_step_size=0.04)
+    torch.testing.assert_close(got, sde, rtol=0, atol=1e-15)
+    t = interp.sample_time(20_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert train[0] <= float(t.min()) and float(t.max()) < train[1]
+    assert abs(float(t.mean()) - sum(train) / 2) < 0.01
+
+
+def test_sbdm_diffusion_starts_sde_at_eps_and_forms_match_sit() -> None:
+    """SBDM-form SDEs start at sample_eps; w(t) forms: constant, SBDM = g, sigma, linear, (in/de)creasing."""
+    interp = GVPInterpolant(sample_eps=0.01)
+    assert interp.time_interval(sampling=True, sde=True, diffusion_form="SBDM", last_step_size=0.04) == (0.01, 0.96)
+    t = torch.tensor([0.2, 0.7], dtype=torch.float64)  # (T,)
+    expected = {
+        "constant": torch.full_like(t, 2.0),
+        "SBDM": 2.0 * interp.score_coefficient(t),
+        "sigma": 2.0 * interp.sigma(t),
+        "linear": 2.0 * (1 - t),
+        "decreasing": 0.25 * (2.0 * torch.cos(math.pi * t) + 1) ** 2,
+        "increasing-decreasing": 2.0 * torch.sin(math.pi * t) ** 2,
+    }
+    for form, value in expected.items():
+        torch.testing.assert_close(interp.diffusion(t, form, norm=2.0), value)
+    with pytest.raises(ValueError, match="diffusion form"):
+        interp.diffusion(t, "cosine")
+
+
+def test_invalid_interpolant_arguments_raise() -> None:
+    """Unknown prediction or weighting, bad margins and bad beta schedules are errors naming the value."""
+    with pytest.raises(ValueError, match="prediction"):
+        LinearInterpolant(prediction="x0")
+    with pytest.raises(ValueError, match="loss_weight"):
+        GVPInterpolant(loss_weight="snr")
+    with pytest.raises(ValueError, match="sample_eps"):
+        LinearInterpolant(sample_eps=0.7)
+    with pytest.raises(ValueError, match="beta_min"):
+        VPInterpolant(beta_min=5.0, beta_max=1.0)

@@ -104,6 +104,8 @@ class Interpolant:
             raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
         if loss_weight not in LOSS_WEIGHTS:
             raise ValueError(f"unknown loss_weight {loss_weight!r}; allowed: None, velocity, likelihood")
+        # SiT's create_transport forces eps = 0 for velocity nets on linear/GVP even when given; here an explicit
+        # value wins (None keeps SiT's default).
         default_train, default_sample = self.default_eps(prediction)
         self.prediction = prediction
         self.loss_weight = loss_weight
@@ -222,7 +224,7 @@ class Interpolant:
             return norm * (1.0 - t)
         if form == "decreasing":
             return 0.25 * (norm * torch.cos(math.pi * t) + 1.0) ** 2
-        if form == "increasing-decreasing":
+        if form == "increasing-decreasing":  # SiT's dict spells it "inccreasing-decreasing", so SiT cannot select it
             return norm * torch.sin(math.pi * t) ** 2
         raise ValueError(f"unknown diffusion form {form!r}; allowed: {', '.join(DIFFUSION_FORMS)}")
 

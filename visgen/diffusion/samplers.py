@@ -24,8 +24,9 @@ Classifier-free guidance (Ho & Salimans 2022) goes through ``guidance.guided_out
 ``net.num_classes`` is the null class, the conditional and unconditional halves run in one batched forward and
 the output is ``out_u + s (out_c - out_u)``. It is applied to the raw network output (velocity, noise or score);
 each conversion to the velocity is affine in the output and guidance is an affine combination (weights 1 - s
-and s), so this equals guiding the velocity (as SiT's ``forward_with_cfg`` guides whatever the net predicts). Guidance applies only when ``t`` lies in the closed ``guidance_interval`` (Kynkaenniemi et al.
-2024, in visgen's time: REPA's interval in its t = 1 noise time ``[a, b]`` is ``[1 - b, 1 - a]`` here) and, when
+and s), so this equals guiding the velocity (as SiT's ``forward_with_cfg`` guides whatever the net predicts).
+Guidance applies only when ``t`` lies in the closed ``guidance_interval`` (Kynkaenniemi et al. 2024; in
+visgen's time, so REPA's interval ``[a, b]`` in its t = 1 noise time is ``[1 - b, 1 - a]`` here) and, when
 ``guided_channels`` is given, only to the first ``guided_channels`` channels. Networks with ``num_classes == 0``
 are unconditional and never guided. Labels may include the null label to draw unconditional samples. Networks
 returning ``2C`` channels (learned Sigma) have only their first ``C = x.shape[1]`` output channels read.

@@ -1,14 +1,14 @@
 """SiT's SDE sampler: Euler-Maruyama on a marginal-preserving SDE, then one noise-free last step.
 
 Convention as ``interpolants.py``: ``t = 0`` noise, ``t = 1`` data, integration runs forward in ``t``. For any
-diffusion coefficient ``w(t) >= 0`` the SDE (SiT Sec. 2.3, ``Sampler.sample_sde``)
+diffusion coefficient ``w(t) >= 0`` the SDE (SiT's SDE sampler, code ``transport.Sampler.sample_sde``)
 
     dX = [v(X, t) + w(t) s(X, t)] dt + sqrt(2 w(t)) dW
 
 has the same marginals ``p_t`` as the probability-flow ODE ``dX = v dt``: in the Fokker-Planck equation the
 extra drift contributes ``-div(p w grad log p) = -w lap p`` and the noise ``+w lap p``. ``v`` and the score ``s``
 both come from one (guided) network output through the interpolant's conversions, so velocity, noise and score
-nets all sample here. SiT's published SDE sampler (``sample.py --sampler SDE`` defaults, ``train_utils.py``):
+nets all sample here. SiT's published SDE sampler (``python sample.py SDE`` defaults, ``train_utils.py``):
 ``diffusion_form="sigma"`` (``w(t) = sigma_t``), ``diffusion_norm=1``, Euler-Maruyama, ``num_steps=250``,
 ``last_step="Mean"``, ``last_step_size=0.04``.
 

@@ -31,7 +31,12 @@ __all__ = ["evaluate", "sampling_config", "sample_images"]
 def sampling_config(train_sampling: DictConfig, eval_cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The checkpoint's sampler, replaced by a chosen `sampling=<group>` or patched by `sampling.k=v`."""
     if any(o.split("=", 1)[0].lstrip("+~") == "sampling" for o in overrides):
-        return eval_cfg.sampling  # a whole group was chosen; its own keys were already applied by Hydra
+        # A whole group was chosen (its keys already applied by Hydra). Flow samplers must still read the
+        # model's own path and prediction type: take them from the checkpoint's sampler.
+        chosen = OmegaConf.create(OmegaConf.to_container(eval_cfg.sampling, resolve=False))
+        if "interpolant" in chosen and "interpolant" in train_sampling:
+            chosen.interpolant = train_sampling.interpolant
+        return chosen
     patch = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("sampling.")]
     merged = OmegaConf.merge(OmegaConf.create({"sampling": train_sampling}), OmegaConf.from_dotlist(patch))
     return merged.sampling

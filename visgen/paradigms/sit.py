@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from visgen.diffusion.interpolants import LinearInterpolant
+from visgen.diffusion.interpolants import Interpolant, LinearInterpolant
 from visgen.training.module import GenerativeModule
 
 __all__ = ["SiT"]
@@ -23,7 +23,7 @@ __all__ = ["SiT"]
 class SiT(GenerativeModule):
     """Flow matching with a linear interpolant and velocity prediction."""
 
-    def __init__(self, *, interpolant: LinearInterpolant | None = None, **kwargs):
+    def __init__(self, *, interpolant: Interpolant | None = None, **kwargs):
         super().__init__(**kwargs)
         self.interpolant = interpolant or LinearInterpolant()
 

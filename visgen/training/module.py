@@ -66,6 +66,7 @@ class GenerativeModule(L.LightningModule):
         ema_decay: float = 0.9999,
         compile: bool = False,
         num_val_generator_seed: int = 0,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.net = net
@@ -78,6 +79,8 @@ class GenerativeModule(L.LightningModule):
         self.ema_decay = ema_decay
         self.compile_net = compile
         self.val_seed = num_val_generator_seed
+        #: Official weights or a visgen checkpoint to start from (train.py loads it on a fresh start).
+        self.init_from = init_from
         #: Set by train.py: config, seed, git state, versions; copied into every checkpoint.
         self.run_info: dict[str, Any] = {}
         self._ema_step = 0

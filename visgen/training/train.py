@@ -34,6 +34,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    if model.init_from and resume_from is None:
+        # Fine-tuning start (e.g. DiT 256 -> 512): weights only, strict, with a fresh optimizer. A resume
+        # takes everything from its checkpoint instead.
+        from visgen.official import init_net_from
+
+        log.info(init_net_from(model.net, model.ema, model.init_from, cfg.get("run_name")))
     provenance = collect_provenance(cfg)
     model.run_info = {k: v for k, v in provenance.items() if k != "argv"}
 
