@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from visgen.diffusion.gaussian import GaussianDiffusion
-from visgen.diffusion.guidance import guided_output, net_num_classes
+from visgen.diffusion.guidance import draw_prior, guided_output
 
 __all__ = ["DDPMSampler", "DDIMSampler"]
 
@@ -105,23 +105,10 @@ class GaussianSampler:
         dtype: torch.dtype | None = None,
     ) -> Tensor:
         """Sample (B, *latent_shape) from x_T ~ N(0, I) drawn with `generator` on labels' device."""
-        if labels.ndim != 1 or labels.dtype != torch.int64:
-            raise ValueError(f"labels must be a 1-D int64 tensor, got {labels.dtype} {tuple(labels.shape)}")
-        num_classes = net_num_classes(net)
-        if num_classes > 0 and labels.numel() > 0:
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi > num_classes:
-                raise ValueError(
-                    f"labels must lie in [0, {num_classes}] ({num_classes} = null class), got [{lo}, {hi}]"
-                )
-        shape = (labels.shape[0], *(int(s) for s in latent_shape))
-        if len(shape) < 2:
-            raise ValueError("latent_shape must have at least one (channel) dimension")
-        if self.guided_channels is not None and self.guided_channels > shape[1]:
-            raise ValueError(f"guided_channels={self.guided_channels} exceeds the {shape[1]} latent channels")
-        x = torch.randn(shape, generator=generator, device=labels.device, dtype=dtype)  # (B, *latent_shape)
+        x = draw_prior(net, labels, latent_shape, self.guided_channels, generator, dtype)  # (B, *latent_shape)
+        batch = x.shape[0]
         for i in reversed(range(self.diffusion.num_timesteps)):
-            t = torch.full((shape[0],), i, dtype=torch.int64, device=labels.device)  # (B,) respaced step
+            t = torch.full((batch,), i, dtype=torch.int64, device=labels.device)  # (B,) respaced step
             x = self.step(self.guided(net, x, t, labels), x, t, generator)  # (B, *latent_shape)
         return x
 

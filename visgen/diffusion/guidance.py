@@ -10,12 +10,12 @@ DiT's and SiT's published numbers guide 3 of 4 latent channels; REPA and MAR gui
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["guided_output", "net_num_classes"]
+__all__ = ["draw_prior", "guided_output", "net_num_classes"]
 
 Net = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -69,3 +69,30 @@ def guided_output(
         return guided
     mask = guide.reshape(batch, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
     return torch.where(mask, guided, out_cond)  # (B, C_out, ...)
+
+
+def draw_prior(
+    net: Net,
+    labels: Tensor,
+    latent_shape: Sequence[int],
+    guided_channels: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Check a sampler's labels and shapes, then draw x ~ N(0, I) (B, *latent_shape) with `generator`.
+
+    Every sampler starts here: labels are 1-D int64 in [0, num_classes] (num_classes = the null class).
+    """
+    if labels.ndim != 1 or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be a 1-D int64 tensor, got {labels.dtype} {tuple(labels.shape)}")
+    num_classes = net_num_classes(net)
+    if num_classes > 0 and labels.numel() > 0:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}] ({num_classes} = null class), got [{lo}, {hi}]")
+    shape = (labels.shape[0], *(int(s) for s in latent_shape))
+    if len(shape) < 2:
+        raise ValueError("latent_shape must have at least one (channel) dimension")
+    if guided_channels is not None and guided_channels > shape[1]:
+        raise ValueError(f"guided_channels={guided_channels} exceeds the {shape[1]} latent channels")
+    return torch.randn(shape, generator=generator, device=labels.device, dtype=dtype)  # (B, *latent_shape)

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from visgen.diffusion.guidance import guided_output, net_num_classes
+from visgen.diffusion.guidance import draw_prior, guided_output, net_num_classes
 from visgen.diffusion.interpolants import Interpolant, LinearInterpolant, velocity_channels
 
 __all__ = ["FlowSampler", "ODESampler", "guided_velocity", "net_num_classes"]
@@ -147,21 +147,7 @@ class FlowSampler:
         dtype: torch.dtype | None = None,
     ) -> Tensor:
         """Check labels and shapes, then draw x ~ N(0, I) of shape (B, *latent_shape) with `generator`."""
-        if labels.ndim != 1 or labels.dtype != torch.int64:
-            raise ValueError(f"labels must be a 1-D int64 tensor, got {labels.dtype} {tuple(labels.shape)}")
-        num_classes = net_num_classes(net)
-        if num_classes > 0 and labels.numel() > 0:
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi > num_classes:
-                raise ValueError(
-                    f"labels must lie in [0, {num_classes}] ({num_classes} = null class), got [{lo}, {hi}]"
-                )
-        shape = (labels.shape[0], *(int(s) for s in latent_shape))
-        if len(shape) < 2:
-            raise ValueError("latent_shape must have at least one (channel) dimension")
-        if self.guided_channels is not None and self.guided_channels > shape[1]:
-            raise ValueError(f"guided_channels={self.guided_channels} exceeds the {shape[1]} latent channels")
-        return torch.randn(shape, generator=generator, device=labels.device, dtype=dtype)  # (B, *latent_shape)
+        return draw_prior(net, labels, latent_shape, self.guided_channels, generator, dtype)  # (B, *latent_shape)
 
 
 class ODESampler(FlowSampler):

@@ -77,8 +77,14 @@ def _is_builtin_digits(train_cfg: DictConfig) -> bool:
 
 
 def _flat(prefix: str, node: Any) -> dict[str, Any]:
+    """Nested config -> flat {"prefix.key.sub": value}, class paths (`_target_`) left out."""
     container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    return {f"{prefix}.{k}": v for k, v in container.items() if k != "_target_"}
+    flat: dict[str, Any] = {}
+    for key, value in container.items():
+        if key == "_target_":
+            continue
+        flat.update(_flat(f"{prefix}.{key}", value) if isinstance(value, dict) else {f"{prefix}.{key}": value})
+    return flat
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class GenerativeModule(L.LightningModule):
         batch_global: int,
         ema_decay: float = 0.9999,
         compile: bool = False,
-        num_val_generator_seed: int = 0,
+        val_seed: int = 0,
         init_from: str | None = None,
     ):
         super().__init__()
@@ -78,7 +78,7 @@ class GenerativeModule(L.LightningModule):
         self.batch_global = batch_global
         self.ema_decay = ema_decay
         self.compile_net = compile
-        self.val_seed = num_val_generator_seed
+        self.val_seed = val_seed  # validation noise comes from generators seeded by val_seed + batch index
         #: Official weights or a visgen checkpoint to start from (train.py loads it on a fresh start).
         self.init_from = init_from
         #: Set by train.py: config, seed, git state, versions; copied into every checkpoint.
