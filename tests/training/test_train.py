@@ -86,3 +86,16 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         train(compose_train(run, digits_dir, "trainer.max_steps=24", "ckpt_path=last"))
     assert hashlib.sha256(last.resolve().read_bytes()).hexdigest() == digest
     assert load(last)["global_step"] == 8
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, digits_dir):
+    source = tmp_path / "source"
+    train(compose_train(source, digits_dir, "trainer.max_steps=8"))
+    target = tmp_path / "target"
+    # lr 0: one step leaves the weights exactly as loaded, so they must equal the source's
+    train(compose_train(target, digits_dir, "trainer.max_steps=1", "model.optimizer.lr=0.0",
+                        f"model.init_from={source / 'checkpoints' / 'last.ckpt'}"))
+    a, b = load(source / "checkpoints" / "last.ckpt"), load(target / "checkpoints" / "last.ckpt")
+    assert b["global_step"] == 1  # a new run with a fresh optimizer, not a resume at step 8
+    for key in (k for k in a["state_dict"] if k.startswith("net.")):
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
@@ -39,7 +40,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # takes everything from its checkpoint instead.
         from visgen.official import init_net_from
 
-        log.info(init_net_from(model.net, model.ema, model.init_from, cfg.get("run_name")))
+        experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+        log.info(init_net_from(model.net, model.ema, model.init_from, experiment))
     provenance = collect_provenance(cfg)
     model.run_info = {k: v for k, v in provenance.items() if k != "argv"}
 
