@@ -94,3 +94,13 @@ def test_unpatchify_inverts_the_patch_layout():
     # (B, L, p*p*C) in the official (p, q, c) order
     tokens = image.reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 12)
     torch.testing.assert_close(net.unpatchify(tokens), image)
+
+
+def test_label_table_init_std_is_dits_by_default_and_configurable():
+    """DiT initialises the class table with std 0.02; short demo runs ask for 1.0 (demo_sit.yaml)."""
+    torch.manual_seed(0)
+    default = DiT(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=1, num_heads=4, num_classes=1000)
+    wide = DiT(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=1, num_heads=4, num_classes=1000,
+               label_init_std=1.0)
+    assert default.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert wide.y_embedder.embedding_table.weight.std().item() == pytest.approx(1.0, rel=0.02)
