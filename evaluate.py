@@ -1,5 +1,7 @@
 """Evaluate a checkpoint: `python evaluate.py ckpt=<run dir>/checkpoints/last.ckpt num_samples=1000`."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -12,4 +14,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # Without a `sampling=<group>` choice the config has no `sampling` node (the sampler lives in the
+    # checkpoint), so Hydra would refuse `sampling.cfg_scale=2`; its add-or-override form `++` works
+    # with or without a group, and visgen.eval.evaluate.sampling_config applies the patch.
+    sys.argv = [f"++{arg}" if arg.startswith("sampling.") else arg for arg in sys.argv]
     main()

@@ -71,3 +71,23 @@ def test_evaluation_imports_no_training_code():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("group", [[], ["sampling=ode"]])
+def test_evaluate_command_line_accepts_sampling_patches(group):
+    """`python evaluate.py ckpt=... sampling.cfg_scale=1.5` composes, with or without a sampler group."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "evaluate.py"
+    result = subprocess.run([sys.executable, str(script), "ckpt=x", *group, "sampling.cfg_scale=1.5", "--cfg", "job"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "cfg_scale: 1.5" in result.stdout
+
+
+def test_bf16_sampling_is_recorded_and_unknown_precisions_are_refused(tmp_path, tiny_checkpoint, digits_dir):
+    common = [f"ckpt={tiny_checkpoint}", "num_samples=10", "batch_size=10", f"paths.cache_dir={digits_dir / 'cache'}"]
+    metrics = evaluate(compose_eval(*common, f"out_dir={tmp_path / 'bf16'}", "precision=bf16"))
+    assert metrics["precision"] == "bf16"
+    with pytest.raises(ValueError, match="fp32, bf16"):
+        evaluate(compose_eval(*common, f"out_dir={tmp_path / 'fp16'}", "precision=fp16"))
