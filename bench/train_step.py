@@ -114,7 +114,7 @@ def main() -> None:
                 net.compile()
             train_ips = bench_train(net, shape, args.batch, args.steps, bf16, device, args.paradigm)
             sample_ips = bench_sample(net, shape, args.sample_batch or args.batch, bf16, device, args.paradigm)
-            table.add_row("bf16-mixed" if bf16 else "fp32", str(compiled), f"{train_ips:.1f}", f"{sample_ips:.1f}")
+            table.add_row("bf16-mixed" if bf16 else "fp32", str(compiled), f"{train_ips:.2f}", f"{sample_ips:.2f}")
     Console().print(table)
 
 
