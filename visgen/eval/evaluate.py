@@ -111,12 +111,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     start = time.perf_counter()
     with autocast:
-            images = sample_images(net, tokenizer, sampler, labels, int(train_cfg.data.image_size), cfg.batch_size,
+        images = sample_images(net, tokenizer, sampler, labels, int(train_cfg.data.image_size), cfg.batch_size,
                                cfg.seed)  # (N, 3, H, W) uint8
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {"num_samples": cfg.num_samples, "seed": cfg.seed, "precision": cfg.precision,
-                               "sampling_seconds": seconds,
-                               "images_per_second": cfg.num_samples / seconds}
+                               "sampling_seconds": seconds, "images_per_second": cfg.num_samples / seconds}
     if _is_builtin_digits(train_cfg):
         metrics.update(_digit_metrics(train_cfg, cfg, images, labels.cpu(), device))
     metrics.update(_flat("sampling", sampling))
