@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
 
@@ -23,11 +26,14 @@ from visgen.diffusion.interpolants import LinearInterpolant
 from visgen.diffusion.samplers import ODESampler
 from visgen.nn.dit import DIT_SIZES, DiT
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
 
 def build(net_name: str, num_classes: int) -> tuple[DiT, tuple[int, int, int]]:
-    if net_name == "demo":  # conf/experiment/demo_sit.yaml
-        return DiT(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=4, num_heads=4,
-                   num_classes=num_classes, learn_sigma=False), (3, 32, 32)
+    if net_name == "demo":  # exactly the net `make demo` trains, from the config tree
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=["experiment=demo_sit"])
+        return instantiate(cfg.model.net), (3, cfg.data.image_size, cfg.data.image_size)
     size, patch = net_name.split("/")
     return DiT(**DIT_SIZES[size], patch_size=int(patch), input_size=32, in_channels=4, num_classes=num_classes,
                learn_sigma=True), (4, 32, 32)
