@@ -46,3 +46,14 @@ def test_a_config_key_that_does_not_exist_is_an_error():
 def test_num_classes_zero_builds_an_unconditional_net():
     cfg = compose_train("experiment=demo_sit", "data.num_classes=0")
     assert instantiate(cfg.model.net).y_embedder is None
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_gaussian_samplers_use_the_models_own_process(sampler):
+    # A model trained on the cosine schedule must not be sampled on the linear one: the sampler reads
+    # model.diffusion instead of its own fallback keys.
+    cfg = compose_train("experiment=dit_b_2", f"sampling={sampler}", "model.diffusion.beta_schedule=cosine",
+                        "model.diffusion.learn_sigma=false")
+    built = instantiate(cfg.sampling)
+    assert (built.diffusion.beta_schedule, built.diffusion.learn_sigma) == ("cosine", False)
+    assert built.diffusion.num_timesteps == cfg.sampling.num_steps  # respaced from the model's 1000 steps

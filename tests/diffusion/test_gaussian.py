@@ -165,6 +165,24 @@ def test_hybrid_loss_equals_direct_computation(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(terms["vb"][:2], exact[:2], rtol=1e-2, atol=0)
 
 
+def test_min_snr_weights_only_the_epsilon_mse() -> None:
+    """Min-SNR-γ: loss = min(SNR_t, γ) / SNR_t · mse + vb, SNR_t = ᾱ_t / (1 − ᾱ_t) from the linear schedule."""
+    x0, noise, out = random_case((6, 2, 3))
+    t = torch.tensor([0, 100, 200, 300, 600, 999])
+    y = torch.zeros(6, dtype=torch.int64)
+    plain = GaussianDiffusion().training_losses(FixedOutputNet(out), x0, y, t=t, noise=noise)
+    weighted = GaussianDiffusion(min_snr_gamma=5.0).training_losses(FixedOutputNet(out), x0, y, t=t, noise=noise)
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t]  # (6,)
+    snr = alpha_bar / (1 - alpha_bar)  # (6,): 1e4 at t = 0, ~4e-5 at t = 999
+    weight = snr.clamp(max=5.0) / snr
+    assert weight[0] < 1e-3 and weight[-1] == 1.0  # low-noise steps count less, high-noise steps in full
+    torch.testing.assert_close(weighted["loss"], weight * plain["mse"] + plain["vb"], rtol=1e-12, atol=1e-12)
+    assert torch.equal(weighted["mse"], plain["mse"]) and torch.equal(weighted["vb"], plain["vb"])
+    assert GaussianDiffusion(min_snr_gamma=5.0).respaced("10").min_snr_gamma == 5.0
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        GaussianDiffusion(min_snr_gamma=0.0)
+
+
 def test_vb_trains_only_sigma_and_mse_only_epsilon() -> None:
     """Stop-gradient on μ_θ: ∂vb/∂ε̂ = 0 while ∂vb/∂v ≠ 0; ∂mse/∂v = 0 while ∂mse/∂ε̂ ≠ 0."""
     x0, noise, out = random_case((4, 2, 3))

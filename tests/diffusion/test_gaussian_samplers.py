@@ -236,6 +236,13 @@ def test_samplers_reuse_a_given_diffusion_respaced() -> None:
     sampler = DDIMSampler(num_steps=50, respacing="ddim50", diffusion=base)
     assert sampler.diffusion.timestep_map.tolist() == list(range(0, 1000, 20))
     torch.testing.assert_close(sampler.diffusion.alphas_cumprod, base.alphas_cumprod[::20], rtol=1e-12, atol=0)
+    # A sampler key that contradicts the given (model's) diffusion is an error, not silently ignored.
+    with pytest.raises(ValueError, match=r"sampling.beta_schedule='linear' contradicts the model's diffusion"):
+        DDPMSampler(num_steps=50, beta_schedule="linear", diffusion=base)
+    with pytest.raises(ValueError, match="sampling.num_timesteps=500"):
+        DDPMSampler(num_steps=50, num_timesteps=500, diffusion=base)
+    agreeing = DDPMSampler(num_steps=50, beta_schedule="cosine", learn_sigma=True, diffusion=base)
+    assert agreeing.diffusion.beta_schedule == "cosine"
 
 
 def test_invalid_arguments_raise_clear_errors() -> None:

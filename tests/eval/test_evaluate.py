@@ -91,3 +91,14 @@ def test_bf16_sampling_is_recorded_and_unknown_precisions_are_refused(tmp_path, 
     assert metrics["precision"] == "bf16"
     with pytest.raises(ValueError, match="fp32, bf16"):
         evaluate(compose_eval(*common, f"out_dir={tmp_path / 'fp16'}", "precision=fp16"))
+
+
+def test_a_chosen_sampler_group_keeps_the_models_diffusion():
+    from omegaconf import OmegaConf
+
+    diffusion = {"_target_": "visgen.diffusion.gaussian.GaussianDiffusion", "beta_schedule": "cosine"}
+    trained = OmegaConf.create({"_target_": "x.DDPMSampler", "num_steps": 50, "diffusion": diffusion})
+    eval_cfg = compose_eval("ckpt=x", "sampling=ddim")
+    replaced = sampling_config(trained, eval_cfg, ["ckpt=x", "sampling=ddim"])
+    assert replaced._target_.endswith("DDIMSampler")
+    assert replaced.diffusion.beta_schedule == "cosine"  # not the ddim group's linear fallback

@@ -144,8 +144,17 @@ class GaussianDiffusion:
         learn_sigma: bool = True,
         respacing: str | int | Sequence[int] | None = None,
         sigma_small: bool = False,
+        min_snr_gamma: float | None = None,
     ) -> None:
-        """Build the (optionally respaced) schedule; `sigma_small` picks β̃ over β as the fixed Σ when not learned."""
+        """Build the (optionally respaced) schedule; `sigma_small` picks β̃ over β as the fixed Σ when not learned.
+
+        `min_snr_gamma` (None: DiT's unweighted ε-MSE) weights the ε-MSE by min(SNR_t, γ) / SNR_t (Min-SNR-γ,
+        Hang et al. 2023; their γ = 5): steps with SNR above γ count less, so the high-noise steps that decide
+        global structure and class get a larger share of the gradient. L_vb is never weighted.
+        """
+        if min_snr_gamma is not None and not (math.isfinite(min_snr_gamma) and min_snr_gamma > 0):
+            raise ValueError(f"min_snr_gamma must be None or a positive number, got {min_snr_gamma!r}")
+        self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
         base_betas = betas_for_schedule(beta_schedule, num_timesteps)  # (T,)
         self.original_num_timesteps = num_timesteps
         self.beta_schedule = beta_schedule
@@ -186,6 +195,7 @@ class GaussianDiffusion:
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
             "log_betas": np.log(betas),
+            "snr": alphas_cumprod / (1.0 - alphas_cumprod),  # ᾱ_t / (1 − ᾱ_t)
             # improved DDPM's FIXED_LARGE (DiT's choice without learned Σ) and FIXED_SMALL variances.
             "fixed_variance": posterior_variance if self.sigma_small else fixed_large,
             "fixed_log_variance": posterior_log_variance_clipped if self.sigma_small else np.log(fixed_large),
@@ -197,13 +207,15 @@ class GaussianDiffusion:
         """Readable summary for logs."""
         return (
             f"GaussianDiffusion(num_timesteps={self.original_num_timesteps}, beta_schedule={self.beta_schedule!r}, "
-            f"learn_sigma={self.learn_sigma}, respacing={self.respacing!r}, sigma_small={self.sigma_small})"
+            f"learn_sigma={self.learn_sigma}, respacing={self.respacing!r}, sigma_small={self.sigma_small}, "
+            f"min_snr_gamma={self.min_snr_gamma})"
         )
 
     def respaced(self, respacing: str | int | Sequence[int] | None) -> GaussianDiffusion:
         """The same base process (schedule, T, Σ choice) respaced to `respacing` (None: all original steps)."""
         return GaussianDiffusion(
-            self.original_num_timesteps, self.beta_schedule, self.learn_sigma, respacing, self.sigma_small
+            self.original_num_timesteps, self.beta_schedule, self.learn_sigma, respacing, self.sigma_small,
+            self.min_snr_gamma,
         )
 
     # ----- helpers -------------------------------------------------------------------------
@@ -322,7 +334,8 @@ class GaussianDiffusion:
         """Per-sample hybrid loss terms {"loss", "mse", "vb"}, each (B,), at respaced steps t (drawn if None).
 
         t and then the noise are drawn with `generator` on x_start's device when not given. Without learned Σ
-        "vb" is zero and the loss is the ε-MSE (DDPM's L_simple).
+        "vb" is zero and the loss is the ε-MSE (DDPM's L_simple). "mse" is unweighted; "loss" carries the
+        Min-SNR weight when `min_snr_gamma` is set.
         """
         if t is None:
             t = self.sample_timesteps(x_start.shape[0], x_start.device, generator)  # (B,)
@@ -334,6 +347,10 @@ class GaussianDiffusion:
         out = net(x_t, self.net_timesteps(t), y).to(x_start.dtype)  # (B, C_out, ...)
         eps, var_values = self.split_output(out, x_t)  # (B, C, ...), (B, C, ...) or None
         mse = mean_flat((noise - eps) ** 2)  # (B,)
+        weighted_mse = mse
+        if self.min_snr_gamma is not None:
+            snr = self.extract(self.snr, t, mse)  # (B,)
+            weighted_mse = mse * snr.clamp(max=self.min_snr_gamma) / snr  # (B,)
         if var_values is None:
             vb = torch.zeros_like(mse)  # (B,)
         else:
@@ -342,4 +359,4 @@ class GaussianDiffusion:
             # Added UNSCALED, as DiT (loss_type MSE). The per-step term estimates L_vb / T, so at T = 1000 this is
             # improved DDPM's λ = 0.001; its RESCALED_MSE (T / 1000 factor, for other T) is not used by DiT.
             vb = self.vb_terms_bpd(frozen, x_start, x_t, t)  # (B,)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": weighted_mse + vb, "mse": mse, "vb": vb}

@@ -49,17 +49,18 @@ class GaussianSampler:
         num_steps: int,
         cfg_scale: float = 1.0,
         guided_channels: int | None = None,
-        beta_schedule: str = "linear",
-        learn_sigma: bool = True,
+        beta_schedule: str | None = None,
+        learn_sigma: bool | None = None,
         clip_denoised: bool = False,
-        num_timesteps: int = 1000,
+        num_timesteps: int | None = None,
         respacing: str | Sequence[int] | None = None,
         diffusion: GaussianDiffusion | None = None,
     ) -> None:
         """Validate the settings and build the process respaced to `num_steps` (`respacing` defaults to "num_steps").
 
-        A given `diffusion` supplies the base process (its schedule, T and Σ choice replace `beta_schedule`,
-        `learn_sigma` and `num_timesteps`); it is respaced here, whatever its own respacing.
+        A given `diffusion` (the model's own, `model.diffusion`) supplies the base process; it is respaced here,
+        whatever its own respacing. Without one, `beta_schedule`, `learn_sigma` and `num_timesteps` build it (None:
+        DiT's linear, True, 1000). Given both, a key that contradicts the diffusion is an error, never ignored.
         """
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
             raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
@@ -72,7 +73,21 @@ class GaussianSampler:
         self.guided_channels = guided_channels
         self.clip_denoised = bool(clip_denoised)
         respacing = str(num_steps) if respacing is None else respacing
-        base = diffusion or GaussianDiffusion(num_timesteps, beta_schedule, learn_sigma)
+        base = diffusion or GaussianDiffusion(
+            1000 if num_timesteps is None else num_timesteps,
+            beta_schedule or "linear",
+            True if learn_sigma is None else learn_sigma,
+        )
+        if diffusion is not None:
+            given = {"beta_schedule": (beta_schedule, diffusion.beta_schedule),
+                     "learn_sigma": (learn_sigma, diffusion.learn_sigma),
+                     "num_timesteps": (num_timesteps, diffusion.original_num_timesteps)}
+            for key, (mine, model) in given.items():
+                if mine is not None and mine != model:
+                    raise ValueError(
+                        f"sampling.{key}={mine!r} contradicts the model's diffusion ({key}={model!r}); leave "
+                        f"sampling.{key} null to sample the process the model was trained on"
+                    )
         self.diffusion = base.respaced(respacing)
         if self.diffusion.num_timesteps != num_steps:
             raise ValueError(
@@ -122,10 +137,10 @@ class DDPMSampler(GaussianSampler):
         cfg_scale: float = 1.0,
         guided_channels: int | None = None,
         temperature: float = 1.0,
-        beta_schedule: str = "linear",
-        learn_sigma: bool = True,
+        beta_schedule: str | None = None,
+        learn_sigma: bool | None = None,
         clip_denoised: bool = False,
-        num_timesteps: int = 1000,
+        num_timesteps: int | None = None,
         respacing: str | Sequence[int] | None = None,
         diffusion: GaussianDiffusion | None = None,
     ) -> None:
@@ -161,10 +176,10 @@ class DDIMSampler(GaussianSampler):
         eta: float = 0.0,
         cfg_scale: float = 1.0,
         guided_channels: int | None = None,
-        beta_schedule: str = "linear",
-        learn_sigma: bool = True,
+        beta_schedule: str | None = None,
+        learn_sigma: bool | None = None,
         clip_denoised: bool = False,
-        num_timesteps: int = 1000,
+        num_timesteps: int | None = None,
         respacing: str | Sequence[int] | None = None,
         diffusion: GaussianDiffusion | None = None,
     ) -> None:

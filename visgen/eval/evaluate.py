@@ -28,14 +28,19 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate", "sampling_config", "sample_images"]
 
 
+# Sampler keys that describe the trained model, not the sampler: never replaced by a chosen sampling group.
+MODEL_BOUND_SAMPLING_KEYS = ("interpolant", "diffusion")
+
+
 def sampling_config(train_sampling: DictConfig, eval_cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The checkpoint's sampler, replaced by a chosen `sampling=<group>` or patched by `sampling.k=v`."""
     if any(o.split("=", 1)[0].lstrip("+~") == "sampling" for o in overrides):
-        # A whole group was chosen (its keys already applied by Hydra). Flow samplers must still read the
-        # model's own path and prediction type: take them from the checkpoint's sampler.
+        # A whole group was chosen (its keys already applied by Hydra). Samplers must still read the model's
+        # own process (a flow's path and prediction type, a diffusion's schedule): take it from the checkpoint.
         chosen = OmegaConf.create(OmegaConf.to_container(eval_cfg.sampling, resolve=False))
-        if "interpolant" in chosen and "interpolant" in train_sampling:
-            chosen.interpolant = train_sampling.interpolant
+        for key in MODEL_BOUND_SAMPLING_KEYS:
+            if key in chosen and key in train_sampling:
+                chosen[key] = train_sampling[key]
         return chosen
     patch = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("sampling.")]
     merged = OmegaConf.merge(OmegaConf.create({"sampling": train_sampling}), OmegaConf.from_dotlist(patch))
