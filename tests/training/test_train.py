@@ -51,6 +51,9 @@ def test_checkpoint_carries_config_provenance_and_ema_under_documented_keys(tmp_
     assert net_keys == ema_keys and "pos_embed" in ema_keys
     assert len(ckpt["rng_states"]) == 1
     assert (run / "samples" / "step_0000004.png").exists() and (run / "samples" / "step_0000008.png").exists()
+    # Named without "=": `python evaluate.py ckpt=<run>/checkpoints/step_0000008.ckpt` must parse in Hydra.
+    assert "step_0000008.ckpt" in os.listdir(run / "checkpoints")
+    assert not [name for name in os.listdir(run / "checkpoints") if "=" in name]
     assert {"config.yaml", "run.json", "git.diff"} <= set(os.listdir(run))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +38,15 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """`last.ckpt` when present (a link to the newest), else the newest `step=*.ckpt` by step."""
+    """`last.ckpt` when present (a link to the newest), else the newest `step_*.ckpt` by step.
+
+    Runs written before the rename carry `step=*.ckpt` names; they still resume.
+    """
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists():
         return last
-    steps = [p for p in _checkpoints(run_dir) if p.name.startswith("step=")]
-    return max(steps, key=lambda p: int(p.stem.split("=")[1]), default=None)
+    steps = [p for p in _checkpoints(run_dir) if re.fullmatch(r"step[_=]\d+", p.stem)]
+    return max(steps, key=lambda p: int(p.stem[len("step_"):]), default=None)
 
 
 def resolve_resume(run_dir: Path, ckpt_path: str | None, refuse_occupied: bool = True) -> Path | None:
