@@ -102,3 +102,15 @@ def test_a_chosen_sampler_group_keeps_the_models_diffusion():
     replaced = sampling_config(trained, eval_cfg, ["ckpt=x", "sampling=ddim"])
     assert replaced._target_.endswith("DDIMSampler")
     assert replaced.diffusion.beta_schedule == "cosine"  # not the ddim group's linear fallback
+
+
+def test_autoguidance_by_the_same_checkpoint_changes_nothing(tmp_path, tiny_checkpoint, digits_dir):
+    # guide == net gives guide + w (net - guide) = net exactly: the samples equal the unguided ones.
+    common = [f"ckpt={tiny_checkpoint}", "num_samples=10", "batch_size=10", f"paths.cache_dir={digits_dir / 'cache'}"]
+    evaluate(compose_eval(*common, f"out_dir={tmp_path / 'plain'}"))
+    metrics = evaluate(compose_eval(*common, f"out_dir={tmp_path / 'auto'}", f"guide_ckpt={tiny_checkpoint}",
+                                    "guide_scale=3.0"))
+    assert (metrics["guide_scale"], metrics["guide_checkpoint_step"]) == (3.0, 8)
+    plain, auto = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("plain", "auto"))
+    assert np.array_equal(plain, auto)
+

@@ -5,6 +5,11 @@ forward on cat([y, null]); the guided output is out_u + s · (out_c − out_u) o
 `guided_channels` channels (default: the C input channels, i.e. ε or v but never a learned-Σ half),
 and every other output channel is taken from the conditional half, as DiT's `forward_with_cfg`.
 DiT's and SiT's published numbers guide 3 of 4 latent channels; REPA and MAR guide all.
+
+Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself") replaces the
+unconditional half with a weaker model of the same task, e.g. an early checkpoint of the same run:
+out_bad + w · (out_good − out_bad), both conditional. `Autoguided` wraps the two nets as one net, so every
+sampler runs it unchanged; with cfg_scale > 1 as well, CFG applies on top of the autoguided outputs.
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ import operator
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["draw_prior", "guided_output", "net_num_classes"]
+__all__ = ["Autoguided", "draw_prior", "guided_output", "net_num_classes"]
 
 Net = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -96,3 +101,32 @@ def draw_prior(
     if guided_channels is not None and guided_channels > shape[1]:
         raise ValueError(f"guided_channels={guided_channels} exceeds the {shape[1]} latent channels")
     return torch.randn(shape, generator=generator, device=labels.device, dtype=dtype)  # (B, *latent_shape)
+
+
+class Autoguided(nn.Module):
+    """A net whose output is guide + scale · (net − guide) on the first `guided_channels` channels.
+
+    `guide` is the "bad version" (shorter-trained and/or smaller, same task and output layout); scale 1 is `net`
+    alone. The remaining channels (a learned-Σ half) come from `net`, as with CFG.
+    """
+
+    def __init__(self, net: nn.Module, guide: nn.Module, scale: float, guided_channels: int | None = None) -> None:
+        super().__init__()
+        if net_num_classes(net) != net_num_classes(guide):
+            raise ValueError(f"autoguidance: the net has {net_num_classes(net)} classes but the guide "
+                             f"{net_num_classes(guide)}; guide with a model of the same task")
+        if not (isinstance(scale, (int, float)) and scale >= 1.0):
+            raise ValueError(f"autoguidance scale must be a number >= 1 (1 = no guidance), got {scale!r}")
+        self.net, self.guide = net, guide
+        self.scale = float(scale)
+        self.guided_channels = guided_channels
+        self.num_classes = net_num_classes(net)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        out = self.net(x, t, y)  # (B, C_out, ...)
+        if self.scale == 1.0:
+            return out
+        bad = self.guide(x, t, y)  # (B, C_out', ...)
+        g = x.shape[1] if self.guided_channels is None else self.guided_channels
+        head = bad[:, :g] + self.scale * (out[:, :g] - bad[:, :g])  # (B, G, ...)
+        return torch.cat([head, out[:, g:]], dim=1)  # (B, C_out, ...)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from visgen.diffusion.guidance import Autoguided
 from visgen.eval.checkpoint import checkpoint_config, load_checkpoint, load_net
 from visgen.sampling import balanced_labels, generate, save_grid
 
@@ -56,6 +57,23 @@ def sample_images(net: torch.nn.Module, tokenizer: Any, sampler: Any, labels: to
         generator = torch.Generator(labels.device).manual_seed(seed * 1_000_003 + k)
         chunks.append(generate(net, tokenizer, sampler, batch_labels, image_size, generator).cpu())
     return torch.cat(chunks)
+
+
+def _autoguided(net: torch.nn.Module, checkpoint: dict[str, Any], cfg: DictConfig, sampling: DictConfig,
+                device: torch.device) -> tuple[Autoguided, int]:
+    """Wrap `net` with the guide model of `cfg.guide_ckpt` (autoguidance); refuse a guide of another task."""
+    guide_checkpoint = load_checkpoint(cfg.guide_ckpt)
+    train_data, guide_data = checkpoint_config(checkpoint).data, checkpoint_config(guide_checkpoint).data
+    for key in ("image_size", "num_classes"):
+        if train_data[key] != guide_data[key]:
+            raise ValueError(f"guide_ckpt={cfg.guide_ckpt} was trained with data.{key}={guide_data[key]} but ckpt "
+                             f"with {train_data[key]}; autoguidance needs a weaker model of the same task")
+    tokenizers = (checkpoint["visgen"].get("tokenizer_id"), guide_checkpoint["visgen"].get("tokenizer_id"))
+    if tokenizers[0] != tokenizers[1]:
+        raise ValueError(f"guide_ckpt uses tokenizer {tokenizers[1]!r} but ckpt {tokenizers[0]!r}; they must match")
+    guide = load_net(guide_checkpoint, use_ema=cfg.use_ema).to(device)
+    wrapped = Autoguided(net, guide, cfg.guide_scale, sampling.get("guided_channels"))
+    return wrapped, int(guide_checkpoint.get("global_step", -1))
 
 
 def _digit_metrics(train_cfg: DictConfig, cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor,
@@ -105,6 +123,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     net = load_net(checkpoint, use_ema=cfg.use_ema).to(device)
+    guide_step = None
+    if cfg.guide_ckpt:
+        net, guide_step = _autoguided(net, checkpoint, cfg, sampling, device)
     tokenizer = instantiate(train_cfg.model.tokenizer).to(device).eval()
     sampler = instantiate(sampling)
     num_classes = int(train_cfg.data.num_classes)
@@ -124,6 +145,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if _is_builtin_digits(train_cfg):
         metrics.update(_digit_metrics(train_cfg, cfg, images, labels.cpu(), device))
     metrics.update(_flat("sampling", sampling))
+    if cfg.guide_ckpt:
+        metrics.update({"guide_ckpt": str(cfg.guide_ckpt), "guide_scale": float(cfg.guide_scale),
+                        "guide_checkpoint_step": guide_step})
     metrics["checkpoint_step"] = int(checkpoint.get("global_step", -1))
 
     out_dir.mkdir(parents=True, exist_ok=True)
