@@ -73,22 +73,22 @@ class GaussianSampler:
         self.guided_channels = guided_channels
         self.clip_denoised = bool(clip_denoised)
         respacing = str(num_steps) if respacing is None else respacing
-        base = diffusion or GaussianDiffusion(
-            1000 if num_timesteps is None else num_timesteps,
-            beta_schedule or "linear",
-            True if learn_sigma is None else learn_sigma,
-        )
-        if diffusion is not None:
-            given = {"beta_schedule": (beta_schedule, diffusion.beta_schedule),
-                     "learn_sigma": (learn_sigma, diffusion.learn_sigma),
-                     "num_timesteps": (num_timesteps, diffusion.original_num_timesteps)}
-            for key, (mine, model) in given.items():
-                if mine is not None and mine != model:
-                    raise ValueError(
-                        f"sampling.{key}={mine!r} contradicts the model's diffusion ({key}={model!r}); leave "
-                        f"sampling.{key} null to sample the process the model was trained on"
-                    )
-        self.diffusion = base.respaced(respacing)
+        if diffusion is None:
+            diffusion = GaussianDiffusion(
+                1000 if num_timesteps is None else num_timesteps,
+                beta_schedule or "linear",
+                True if learn_sigma is None else learn_sigma,
+            )
+        given = {"beta_schedule": (beta_schedule, diffusion.beta_schedule),
+                 "learn_sigma": (learn_sigma, diffusion.learn_sigma),
+                 "num_timesteps": (num_timesteps, diffusion.original_num_timesteps)}
+        for key, (mine, model) in given.items():
+            if mine is not None and mine != model:
+                raise ValueError(
+                    f"sampling.{key}={mine!r} contradicts the model's diffusion ({key}={model!r}); leave "
+                    f"sampling.{key} null to sample the process the model was trained on"
+                )
+        self.diffusion = diffusion.respaced(respacing)
         if self.diffusion.num_timesteps != num_steps:
             raise ValueError(
                 f"respacing {respacing!r} keeps {self.diffusion.num_timesteps} steps but num_steps={num_steps}; "

@@ -112,6 +112,8 @@ def _flat(prefix: str, node: Any) -> dict[str, Any]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample `cfg.num_samples` class-balanced images from `cfg.ckpt`, write them and their metrics."""
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={cfg.precision!r} is not one of fp32, bf16")
     checkpoint = load_checkpoint(cfg.ckpt)
     train_cfg = checkpoint_config(checkpoint)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -131,8 +133,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     num_classes = int(train_cfg.data.num_classes)
     labels = balanced_labels(cfg.num_samples, num_classes, device)
 
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={cfg.precision!r} is not one of fp32, bf16")
     # bf16 autocast (fp32 weights) roughly doubles CPU sampling speed; fp32 is what papers report.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     start = time.perf_counter()
