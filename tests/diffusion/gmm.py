@@ -130,7 +130,8 @@ def path_coefficients(interpolant: Interpolant, t: Tensor) -> tuple[Tensor, Tens
 
 
 class PathGMMNet:
-    """Exact network for the mixture under any interpolant, returning its `prediction` (velocity, noise, score).
+    """Exact network for the mixture under any interpolant, returning its `prediction` (velocity, noise, score,
+    or data E[x | x_t] = (sigma v - sigma' x_t) / (alpha' sigma - sigma' alpha), finite on the whole of [0, 1]).
 
     Conditional on y = component index when `conditional` (y = K is the null label, the whole mixture).
     """
@@ -145,13 +146,17 @@ class PathGMMNet:
         shared = t[:1] if bool((t == t[0]).all()) else t  # (B or 1,)
         coeffs = path_coefficients(self.interpolant, shared)
         log_joint, v_k, s_k = gmm_path_terms(x, *coeffs, WEIGHTS, MEANS, COVS)  # (K, B), (K, B, 2) x2
-        field_k = s_k if self.interpolant.prediction != "velocity" else v_k  # (K, B, 2)
+        field_k = v_k if self.interpolant.prediction in ("velocity", "data") else s_k  # (K, B, 2)
         out = (torch.softmax(log_joint, dim=0).unsqueeze(-1) * field_k).sum(0)  # (B, 2)
         if self.num_classes > 0:
             idx = y.clamp(max=self.num_classes - 1).reshape(1, -1, 1).expand(1, -1, 2)  # (1, B, 2)
             out = torch.where((y < self.num_classes)[:, None], field_k.gather(0, idx).squeeze(0), out)  # (B, 2)
         if self.interpolant.prediction == "noise":
             out = -self.interpolant.sigma(shared)[:, None] * out  # (B, 2): eps = -sigma s
+        if self.interpolant.prediction == "data":
+            tb = shared[:, None]  # (B or 1, 1)
+            sigma, d_sigma = self.interpolant.sigma(tb), self.interpolant.d_sigma(tb)
+            out = (sigma * out - d_sigma * x) / self.interpolant.velocity_data_coefficient(tb)  # (B, 2): E[x | x_t]
         return out
 
 

@@ -131,7 +131,7 @@ def test_velocity_channels_rejects_incompatible_outputs() -> None:
 
 # ------------------------------------------------------------------------------------------- GVP and VP paths
 PATHS = [LinearInterpolant, GVPInterpolant, VPInterpolant]
-PREDICTIONS = ["velocity", "noise", "score"]
+PREDICTIONS = ["velocity", "noise", "score", "data"]
 
 
 def short_id(value: object) -> str:
@@ -172,12 +172,13 @@ def test_derivatives_log_ratio_and_score_coefficient_are_consistent(path: type[I
 
 @pytest.mark.parametrize("path", PATHS)
 def test_prediction_conversions_are_exact(path: type[Interpolant]) -> None:
-    """On x_t = alpha x + sigma eps: v <-> eps <-> s = -eps / sigma convert exactly, at every t in (0, 1)."""
+    """On x_t = alpha x + sigma eps: v <-> eps <-> s = -eps / sigma <- x convert exactly, at every t in (0, 1)
+    (data predictions: wherever sigma is above the floor)."""
     gen = torch.Generator().manual_seed(12)
     x, eps = torch.randn(6, 3, 4, generator=gen, dtype=torch.float64), torch.randn(6, 3, 4, generator=gen)
     eps = eps.to(torch.float64)  # (B, C, L)
     t = torch.tensor([0.01, 0.1, 0.35, 0.6, 0.9, 0.99], dtype=torch.float64)  # (B,)
-    interp = path()
+    interp = path(sigma_floor=1e-3)
     x_t, v = interp.path(x, eps, t)  # (B, C, L) each
     score = -eps / interp.sigma(t)[:, None, None]  # (B, C, L)
     tight = {"rtol": 1e-9, "atol": 1e-9}
@@ -186,8 +187,8 @@ def test_prediction_conversions_are_exact(path: type[Interpolant]) -> None:
     torch.testing.assert_close(interp.velocity_from_noise(eps, x_t, t), v, **tight)
     torch.testing.assert_close(interp.velocity_from_score(score, x_t, t), v, **tight)
     torch.testing.assert_close(interp.score_from_noise(eps, x_t, t), score, **tight)
-    for prediction, out in (("velocity", v), ("noise", eps), ("score", score)):
-        typed = path(prediction=prediction)
+    for prediction, out in (("velocity", v), ("noise", eps), ("score", score), ("data", x)):
+        typed = path(prediction=prediction, sigma_floor=1e-3)
         padded = torch.cat([out, torch.full_like(out, 99.0)], dim=1)  # (B, 2C, L): learned-Sigma channels ignored
         torch.testing.assert_close(typed.velocity_from_output(padded, x_t, t), v, **tight)
         torch.testing.assert_close(typed.score_from_output(padded, x_t, t), score, **tight)
@@ -220,8 +221,13 @@ class TargetOracle:
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("loss_weight", [None, "velocity", "likelihood"])
 def test_training_loss_is_zero_for_the_true_target(path: type[Interpolant], prediction: str, loss_weight: str) -> None:
-    """A net returning the true velocity, eps or -eps / sigma gets zero loss under any path and weighting."""
+    """A net returning the true velocity, eps, -eps / sigma or data gets zero loss under any path and weighting
+    (the likelihood weighting is not defined for data prediction, and is refused)."""
     x = torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)  # (B, C, H, W)
+    if (prediction, loss_weight) == ("data", "likelihood"):
+        with pytest.raises(ValueError, match="likelihood"):
+            path(prediction=prediction, loss_weight=loss_weight)
+        return
     interp = path(prediction=prediction, loss_weight=loss_weight)
     net = TargetOracle(interp, x, seed=5)
     loss = interp.training_loss(net, x, torch.arange(8), generator=torch.Generator().manual_seed(5))
@@ -298,3 +304,80 @@ def test_invalid_interpolant_arguments_raise() -> None:
         LinearInterpolant(sample_eps=0.7)
     with pytest.raises(ValueError, match="beta_min"):
         VPInterpolant(beta_min=5.0, beta_max=1.0)
+
+
+# ------------------------------------------------------------------------------- data prediction (JiT) and time law
+def test_data_prediction_is_jit_on_the_linear_path() -> None:
+    """Linear path, data prediction: v = (x_theta - x_t) / max(1 - t, 0.05) and the 'velocity' loss equals JiT's
+    v-loss |v(x_theta) - v(x)|^2 computed directly, including above t = 0.95 where the floor acts."""
+    gen = torch.Generator().manual_seed(20)
+    x = torch.randn(8, 3, 2, 2, generator=gen, dtype=torch.float64)  # (B, C, H, W)
+    x_pred = x + 0.1 * torch.randn(8, 3, 2, 2, generator=gen, dtype=torch.float64)  # (B, C, H, W)
+    interp = LinearInterpolant(prediction="data", loss_weight="velocity")
+    t, noise = interp.draw(x, torch.Generator().manual_seed(21))  # (B,), (B, C, H, W)
+    t = torch.cat([t[:6], torch.tensor([0.97, 1.0], dtype=torch.float64)])  # (B,): two times under the floor
+    x_t = interp.path(x, noise, t)[0]  # (B, C, H, W)
+    floor = (1 - t).clamp_min(0.05)[:, None, None, None]  # (B, 1, 1, 1)
+    torch.testing.assert_close(interp.velocity_from_data(x_pred, x_t, t), (x_pred - x_t) / floor, rtol=1e-12, atol=0)
+    jit_loss = (((x_pred - x_t) / floor - (x - x_t) / floor) ** 2).flatten(1).mean(1)  # (B,)
+    ours = interp.loss_weighting(t) * (x_pred - x).pow(2).flatten(1).mean(1)  # (B,)
+    torch.testing.assert_close(ours, jit_loss, rtol=1e-12, atol=0)
+
+    class Fixed:
+        num_classes = 10
+
+        def __call__(self, z: Tensor, time: Tensor, y: Tensor) -> Tensor:
+            return x_pred  # (B, C, H, W)
+
+    loss = interp.training_loss(Fixed(), x, torch.arange(8), generator=torch.Generator().manual_seed(21))
+    t_drawn = interp.draw(x, torch.Generator().manual_seed(21))[0]  # (B,)
+    expected = (x_pred - x).pow(2).flatten(1).mean(1) / (1 - t_drawn).clamp_min(0.05) ** 2  # (B,)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    assert LinearInterpolant(prediction="data").time_interval(sampling=True) == (0.0, 1.0)
+
+
+def test_data_prediction_conversions_stay_finite_at_t_one() -> None:
+    """At t = 1 (sigma = 0) the floored conversions are finite on the linear and GVP paths (VP's sigma' diverges
+    there, so VP never reaches t = 1): v = (x_theta - x_t) / 0.05 on the linear path."""
+    x_t, x_pred = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)  # (B, C)
+    for path in (LinearInterpolant, GVPInterpolant):
+        interp = path(prediction="data")
+        t = torch.ones(2, dtype=torch.float64)  # (B,)
+        assert torch.isfinite(interp.velocity_from_output(x_pred, x_t, t)).all()
+        assert torch.isfinite(interp.score_from_output(x_pred, x_t, t)).all()
+    torch.testing.assert_close(
+        LinearInterpolant(prediction="data").velocity_from_output(x_pred, x_t, torch.ones(2, dtype=torch.float64)),
+        (x_pred - x_t) / 0.05,
+    )
+
+
+def test_logit_normal_time_sampling_matches_its_law() -> None:
+    """time_sampling='logit_normal': logit(t) ~ N(m, s) within 4 standard errors (20k draws), mapped to the
+    training interval, reproducible with a generator; uniform stays the default."""
+    n, m, s = 20_000, -0.8, 0.8
+    interp = LinearInterpolant(time_sampling="logit_normal", time_logit_mean=m, time_logit_std=s)
+    t = interp.sample_time(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # (N,)
+    assert 0.0 < float(t.min()) and float(t.max()) < 1.0
+    logits = torch.logit(t)  # (N,)
+    assert abs(float(logits.mean()) - m) < 4 * s / math.sqrt(n)
+    assert abs(float(logits.std()) - s) < 4 * s / math.sqrt(2 * n)
+    assert float((t < 0.5).double().mean()) > 0.8  # m = -0.8: most training steps at high noise (t = 0 is noise)
+    assert torch.equal(t, interp.sample_time(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    noisy = LinearInterpolant(prediction="noise", time_sampling="logit_normal")  # interval (1e-3, 1 - 1e-3)
+    t = noisy.sample_time(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # (N,)
+    torch.testing.assert_close(torch.logit((t - 1e-3) / (1 - 2e-3)).mean(), torch.tensor(0.0, dtype=torch.float64),
+                               rtol=0, atol=4 / math.sqrt(n))
+    assert LinearInterpolant().time_sampling == "uniform"
+
+
+def test_invalid_data_prediction_and_time_law_arguments_raise() -> None:
+    """Unknown time laws, non-positive std and floors outside (0, 1) are errors naming the argument."""
+    with pytest.raises(ValueError, match="time_sampling"):
+        LinearInterpolant(time_sampling="lognormal")
+    with pytest.raises(ValueError, match="time_logit_std"):
+        LinearInterpolant(time_sampling="logit_normal", time_logit_std=0.0)
+    with pytest.raises(ValueError, match="sigma_floor"):
+        LinearInterpolant(prediction="data", sigma_floor=0.0)
+    assert "logit_normal(-0.8, 0.8)" in repr(
+        VPInterpolant(prediction="data", time_sampling="logit_normal", time_logit_mean=-0.8, time_logit_std=0.8)
+    )

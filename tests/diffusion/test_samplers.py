@@ -144,7 +144,7 @@ def test_euler_sampler_matches_gaussian_mixture() -> None:
 class FlippedCorrectorHeun(ODESampler):
     """Broken Heun: the corrector subtracts the end-point velocity instead of adding it."""
 
-    def step(self, net: GMMNet, x: Tensor, t: float, t_next: float, labels: Tensor) -> Tensor:
+    def step(self, net: GMMNet, x: Tensor, t: float, t_next: float, labels: Tensor, last: bool = False) -> Tensor:
         dt = t_next - t
         v = self.velocity(net, x, t, labels)
         return x + 0.5 * dt * (v - self.velocity(net, x + dt * v, t_next, labels))
@@ -153,7 +153,7 @@ class FlippedCorrectorHeun(ODESampler):
 class StaleTimeHeun(ODESampler):
     """Broken Heun: the corrector evaluates the velocity at the old time t instead of t_next."""
 
-    def step(self, net: GMMNet, x: Tensor, t: float, t_next: float, labels: Tensor) -> Tensor:
+    def step(self, net: GMMNet, x: Tensor, t: float, t_next: float, labels: Tensor, last: bool = False) -> Tensor:
         dt = t_next - t
         v = self.velocity(net, x, t, labels)
         return x + 0.5 * dt * (v + self.velocity(net, x + dt * v, t, labels))
@@ -348,11 +348,15 @@ def test_invalid_arguments_raise_clear_errors() -> None:
         (LinearInterpolant(prediction="noise"), "heun", 50),
         (GVPInterpolant(prediction="score"), "heun", 50),
         (VPInterpolant(prediction="noise"), "euler", 250),
+        (LinearInterpolant(prediction="data"), "heun", 20),  # JiT's floor 0.05 = sigma at the last Heun time
+        (LinearInterpolant(prediction="data", sigma_floor=1e-3), "heun", 50),
+        (GVPInterpolant(prediction="data", sigma_floor=1e-3), "heun", 50),
     ],
     ids=short_id,
 )
 def test_ode_sampler_matches_gaussian_mixture_on_every_path(interpolant: Interpolant, method: str, steps: int) -> None:
-    """GVP and VP paths, noise and score nets: the exact field sampled on the interpolant's interval matches."""
+    """GVP and VP paths, noise, score and data nets: the exact field sampled on the interpolant's interval
+    matches (data nets end with an Euler step; their conversions are exact wherever sigma >= sigma_floor)."""
     sampler = ODESampler(method, steps, interpolant=interpolant)
     ok, reason = check_gmm_samples(sample_mixture(sampler, PathGMMNet(interpolant)), WEIGHTS, MEANS, COVS)
     assert ok, reason
@@ -409,3 +413,20 @@ def test_ode_grid_follows_the_interpolant_interval() -> None:
     noise_grid = ODESampler("euler", 2, interpolant=LinearInterpolant(prediction="noise")).timesteps()
     torch.testing.assert_close(noise_grid, torch.tensor([1e-3, 0.5, 1 - 1e-3], dtype=torch.float64))
     assert ODESampler("euler", 2, interpolant=VPInterpolant()).timesteps()[[0, -1]].tolist() == [0.0, 1 - 1e-3]
+
+
+def test_data_prediction_heun_ends_with_an_euler_step_onto_the_prediction() -> None:
+    """Data nets: Heun's last step is Euler (2N - 1 calls), landing exactly on the net's last data prediction on
+    the linear path (x + (1 - t) (x_pred - x) / (1 - t)); dopri5, which needs v at t = 1, is refused."""
+    path = LinearInterpolant(prediction="data")
+    net, sampler = StubNet(), ODESampler("heun", 4, interpolant=path)
+    labels = torch.tensor([1, 2])
+    out = sampler(net, labels, (3,), generator=torch.Generator().manual_seed(0))  # (B, 3)
+    assert sampler.nfe == 7 == len(net.calls)
+    replay, x = StubNet(), torch.randn(2, 3, generator=torch.Generator().manual_seed(0))  # (B, 3)
+    replay_sampler = ODESampler("heun", 1, interpolant=path)
+    for t, t_next in zip([0.0, 0.25, 0.5], [0.25, 0.5, 0.75], strict=True):
+        x = replay_sampler.step(replay, x, t, t_next, labels)  # (B, 3): Heun
+    torch.testing.assert_close(out, replay.field(x, torch.full((2,), 0.75), labels), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="dopri5"):
+        ODESampler("dopri5", interpolant=path)

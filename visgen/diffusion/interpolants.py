@@ -16,6 +16,16 @@ sin(pi t / 2), sigma = cos(pi t / 2)) and ``VPCPlan`` (the VP-SDE of Song et al.
 
 Prediction (SiT's ``model_type``): the network outputs the velocity ``v``, the noise ``eps`` or the score
 ``s = grad log p_t(x_t)``; the conditional targets are ``alpha' x + sigma' eps``, ``eps`` and ``-eps / sigma``.
+``"data"`` (JiT, Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise") has the network output
+the clean data ``x`` itself; with ``eps = (x_t - alpha x) / sigma`` it converts to
+
+    v = ((alpha' sigma - sigma' alpha) x + sigma' x_t) / sigma_f,   s = -(x_t - alpha x) / sigma_f^2,
+
+where ``sigma_f = max(sigma, sigma_floor)`` (JiT's ``t_eps = 0.05``: on the linear path ``v = (x - x_t) /
+max(1 - t, 0.05)``, exactly JiT's). Above the floor these are exact; the floor keeps them finite at ``t = 1``,
+where a data-predicting net's velocity is undefined, so ODE samplers end with an Euler step (JiT, EDM). JiT
+applies the floor when sampling too, and so does visgen: a Heun step evaluated under it (on the linear path,
+more than 20 uniform steps) takes JiT's approximation; a smaller ``sigma_floor`` makes it exact.
 Every prediction converts to the others through the identities (``d = alpha' / alpha``, Tweedie
 ``E[x | x_t] = (x_t + sigma^2 s) / alpha`` and ``E[eps | x_t] = -sigma s``)
 
@@ -28,7 +38,13 @@ so one set of samplers serves all three. The SDE sampler needs ``s`` and a diffu
 Losses (SiT ``Transport.training_losses``, ``loss_weight=None`` by default): velocity ``|v_theta - v|^2`` (never
 weighted); noise ``w_l |eps_theta - eps|^2``; score ``w_l |sigma s_theta + eps|^2`` (the score error weighted
 by ``sigma^2``), with ``w_l = 1`` (``None``), ``(g / sigma)^2`` (``"velocity"``) or ``g / sigma^2``
-(``"likelihood"``).
+(``"likelihood"``). ``"velocity"`` makes each loss the velocity error its prediction implies. Data prediction:
+``w_l |x_theta - x|^2`` with ``w_l = 1`` or, for ``"velocity"``, ``((alpha' sigma - sigma' alpha) / sigma_f)^2``:
+JiT's v-loss ``|v(x_theta) - v(x)|^2`` (``1 / max(1 - t, 0.05)^2`` on the linear path).
+
+Training times (``time_sampling``): SiT draws ``t ~ U[t0, t1]``; ``"logit_normal"`` draws ``t = t0 + (t1 - t0)
+sigmoid(m + s n)``, ``n ~ N(0, 1)`` (SD3, Esser et al. 2024; JiT uses ``m = -0.8, s = 0.8``, which in this time
+convention puts most steps at high noise).
 
 Time intervals (SiT ``create_transport`` and ``Transport.check_interval``): velocity prediction on the linear or
 GVP path is stable everywhere (train and sample on ``[0, 1]``); noise or score prediction on those paths divides
@@ -45,6 +61,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,6 +73,7 @@ __all__ = [
     "LOSS_WEIGHTS",
     "LinearInterpolant",
     "PREDICTIONS",
+    "TIME_SAMPLINGS",
     "VPInterpolant",
     "broadcast_time",
     "velocity_channels",
@@ -63,8 +81,9 @@ __all__ = [
 
 Net = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-PREDICTIONS = ("velocity", "noise", "score")
+PREDICTIONS = ("velocity", "noise", "score", "data")
 LOSS_WEIGHTS = (None, "velocity", "likelihood")
+TIME_SAMPLINGS = ("uniform", "logit_normal")
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 
 
@@ -88,8 +107,10 @@ def velocity_channels(out: Tensor, x: Tensor) -> Tensor:
 class Interpolant:
     """Base class for paths x_t = alpha(t) x + sigma(t) eps; subclasses define the coefficients.
 
-    `prediction` is what the network outputs, `loss_weight` SiT's weighting of noise/score losses, and
-    `train_eps`/`sample_eps` the distances kept from singular end points (None: SiT's per-path defaults).
+    `prediction` is what the network outputs, `loss_weight` SiT's weighting of the loss, `train_eps` /
+    `sample_eps` the distances kept from singular end points (None: SiT's per-path defaults), `time_sampling`
+    (with `time_logit_mean`, `time_logit_std`) how training draws t, and `sigma_floor` JiT's floor on sigma when
+    a data prediction is converted (data prediction only).
     """
 
     def __init__(
@@ -98,17 +119,37 @@ class Interpolant:
         loss_weight: str | None = None,
         train_eps: float | None = None,
         sample_eps: float | None = None,
+        time_sampling: str = "uniform",
+        time_logit_mean: float = 0.0,
+        time_logit_std: float = 1.0,
+        sigma_floor: float = 0.05,
     ) -> None:
-        """Validate and store the prediction type, loss weighting and end-point margins (Hydra-instantiable)."""
+        """Validate and store the prediction type, loss weighting, margins and time law (Hydra-instantiable)."""
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
         if loss_weight not in LOSS_WEIGHTS:
             raise ValueError(f"unknown loss_weight {loss_weight!r}; allowed: None, velocity, likelihood")
+        if prediction == "data" and loss_weight == "likelihood":
+            raise ValueError(
+                "loss_weight='likelihood' is defined for noise/score predictions; a data prediction trains with "
+                "loss_weight=None (x-MSE) or 'velocity' (JiT's v-loss)"
+            )
+        if time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"unknown time_sampling {time_sampling!r}; allowed: {', '.join(TIME_SAMPLINGS)}")
+        if not (math.isfinite(time_logit_mean) and math.isfinite(time_logit_std) and time_logit_std > 0):
+            raise ValueError(
+                f"time_logit_mean must be finite and time_logit_std > 0, got {time_logit_mean}, {time_logit_std}"
+            )
+        if not 0.0 < sigma_floor < 1.0:
+            raise ValueError(f"sigma_floor must lie in (0, 1), got {sigma_floor} (JiT's t_eps: 0.05)")
         # SiT's create_transport forces eps = 0 for velocity nets on linear/GVP even when given; here an explicit
         # value wins (None keeps SiT's default).
         default_train, default_sample = self.default_eps(prediction)
         self.prediction = prediction
         self.loss_weight = loss_weight
+        self.time_sampling = time_sampling
+        self.time_logit_mean, self.time_logit_std = float(time_logit_mean), float(time_logit_std)
+        self.sigma_floor = float(sigma_floor)
         self.train_eps = default_train if train_eps is None else float(train_eps)
         self.sample_eps = default_sample if sample_eps is None else float(sample_eps)
         for name, eps in (("train_eps", self.train_eps), ("sample_eps", self.sample_eps)):
@@ -117,9 +158,13 @@ class Interpolant:
 
     def __repr__(self) -> str:
         """Readable summary for logs."""
+        time = self.time_sampling
+        if time == "logit_normal":
+            time += f"({self.time_logit_mean}, {self.time_logit_std})"
+        floor = f", sigma_floor={self.sigma_floor}" if self.prediction == "data" else ""
         return (
             f"{type(self).__name__}(prediction={self.prediction!r}, loss_weight={self.loss_weight!r}, "
-            f"train_eps={self.train_eps}, sample_eps={self.sample_eps})"
+            f"train_eps={self.train_eps}, sample_eps={self.sample_eps}, time_sampling={time}{floor})"
         )
 
     # ------------------------------------------------------------------------------------------ coefficients
@@ -150,8 +195,8 @@ class Interpolant:
 
     @staticmethod
     def default_eps(prediction: str) -> tuple[float, float]:
-        """SiT's (train_eps, sample_eps) for linear/GVP: 0 for velocity, 1e-3 for noise or score."""
-        return (0.0, 0.0) if prediction == "velocity" else (1e-3, 1e-3)
+        """SiT's (train_eps, sample_eps) for linear/GVP: 0 for velocity (and data), 1e-3 for noise or score."""
+        return (0.0, 0.0) if prediction in ("velocity", "data") else (1e-3, 1e-3)
 
     # ------------------------------------------------------------------------------------------- intervals
     def time_interval(
@@ -159,13 +204,14 @@ class Interpolant:
     ) -> tuple[float, float]:
         """(t0, t1) for training or sampling, as SiT's `check_interval` for the linear and GVP paths.
 
-        Velocity ODEs run on [0, 1]. Noise/score nets start at eps; SDEs (and SBDM-form diffusion) too. With
-        `sde` and last_step_size > 0 the interval ends at 1 - last_step_size, where the last step takes over.
+        Velocity (and data) ODEs run on [0, 1]. Noise/score nets start at eps; SDEs (and SBDM-form diffusion) too.
+        With `sde` and last_step_size > 0 the interval ends at 1 - last_step_size, where the last step takes over.
         """
         eps = self.sample_eps if sampling else self.train_eps
-        if self.prediction == "velocity" and not sde:
+        stable = self.prediction in ("velocity", "data")
+        if stable and not sde:
             return 0.0, 1.0
-        t0 = eps if (sde and diffusion_form == "SBDM") or self.prediction != "velocity" else 0.0
+        t0 = eps if (sde and diffusion_form == "SBDM") or not stable else 0.0
         return t0, 1.0 - (last_step_size if sde and last_step_size > 0 else eps)
 
     # ----------------------------------------------------------------------------------------- conversions
@@ -194,6 +240,24 @@ class Interpolant:
         """Score s = -eps / sigma."""
         return noise / -self.sigma(broadcast_time(t, x_t).to(x_t.dtype))  # (B, C, ...)
 
+    def floored_sigma(self, tb: Tensor) -> Tensor:
+        """sigma_f = max(sigma(t), sigma_floor) for times shaped to broadcast (JiT's clamp of 1 - t)."""
+        return self.sigma(tb).clamp_min(self.sigma_floor)
+
+    def velocity_data_coefficient(self, tb: Tensor) -> Tensor:
+        """alpha' sigma - sigma' alpha: v = (this * x + sigma' x_t) / sigma (1 on the linear path, pi/2 on GVP)."""
+        return self.d_alpha(tb) * self.sigma(tb) - self.d_sigma(tb) * self.alpha(tb)
+
+    def velocity_from_data(self, data: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Velocity ((alpha' sigma - sigma' alpha) x + sigma' x_t) / sigma_f from a data prediction x (JiT)."""
+        tb = broadcast_time(t, x_t).to(x_t.dtype)  # (B, 1, ..., 1)
+        return (self.velocity_data_coefficient(tb) * data + self.d_sigma(tb) * x_t) / self.floored_sigma(tb)
+
+    def score_from_data(self, data: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Score -(x_t - alpha x) / sigma_f^2 from a data prediction x (Tweedie's formula solved for s)."""
+        tb = broadcast_time(t, x_t).to(x_t.dtype)  # (B, 1, ..., 1)
+        return (self.alpha(tb) * data - x_t) / self.floored_sigma(tb) ** 2  # (B, C, ...)
+
     def velocity_from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The velocity a network output (B, >=C, ...) of this interpolant's `prediction` type implies."""
         pred = velocity_channels(out, x_t)  # (B, C, ...)
@@ -201,6 +265,8 @@ class Interpolant:
             return pred
         if self.prediction == "noise":
             return self.velocity_from_noise(pred, x_t, t)  # (B, C, ...)
+        if self.prediction == "data":
+            return self.velocity_from_data(pred, x_t, t)  # (B, C, ...)
         return self.velocity_from_score(pred, x_t, t)  # (B, C, ...)
 
     def score_from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -210,6 +276,8 @@ class Interpolant:
             return self.score_from_velocity(pred, x_t, t)  # (B, C, ...)
         if self.prediction == "noise":
             return self.score_from_noise(pred, x_t, t)  # (B, C, ...)
+        if self.prediction == "data":
+            return self.score_from_data(pred, x_t, t)  # (B, C, ...)
         return pred
 
     def diffusion(self, t: Tensor, form: str = "sigma", norm: float = 1.0) -> Tensor:
@@ -239,11 +307,13 @@ class Interpolant:
         return x_t, target
 
     def target(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """The conditional target of this `prediction`: velocity, eps, or the score -eps / sigma."""
+        """The conditional target of this `prediction`: velocity, eps, the score -eps / sigma, or the data."""
         if self.prediction == "velocity":
             return self.path(x, noise, t)[1]  # (B, ...)
         if self.prediction == "noise":
             return noise
+        if self.prediction == "data":
+            return x
         return self.score_from_noise(noise, x, t)  # (B, ...)
 
     def sample_time(
@@ -253,8 +323,13 @@ class Interpolant:
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """Draw training times t ~ U[t0, t1) of shape (B,) (`time_interval`); a generator must live on `device`."""
-        u = torch.rand(batch, generator=generator, device=device, dtype=dtype)  # (B,)
+        """Draw training times (B,) on [t0, t1) (`time_interval`) by `time_sampling`; a generator must live on
+        `device`."""
+        if self.time_sampling == "uniform":
+            u = torch.rand(batch, generator=generator, device=device, dtype=dtype)  # (B,)
+        else:
+            n = torch.randn(batch, generator=generator, device=device, dtype=dtype)  # (B,)
+            u = torch.sigmoid(self.time_logit_mean + self.time_logit_std * n)  # (B,)
         t0, t1 = self.time_interval(sampling=False)
         return u if (t0, t1) == (0.0, 1.0) else t0 + (t1 - t0) * u  # (B,)
 
@@ -265,9 +340,12 @@ class Interpolant:
         return t, noise
 
     def loss_weighting(self, t: Tensor) -> Tensor:
-        """SiT's per-time weight of noise/score losses: 1, (g / sigma)^2 ("velocity") or g / sigma^2."""
+        """Per-time weight of noise/score/data losses: 1, (g / sigma)^2 ("velocity") or g / sigma^2; for data
+        prediction "velocity" is ((alpha' sigma - sigma' alpha) / sigma_f)^2, JiT's v-loss."""
         if self.loss_weight is None:
             return torch.ones_like(t)
+        if self.prediction == "data":
+            return (self.velocity_data_coefficient(t) / self.floored_sigma(t)) ** 2
         g, sigma = self.score_coefficient(t), self.sigma(t)
         return (g / sigma) ** 2 if self.loss_weight == "velocity" else g / sigma**2
 
@@ -280,7 +358,9 @@ class Interpolant:
         pred = velocity_channels(net(x_t, t, y), x)  # (B, ...)
         if self.prediction == "velocity":
             return (pred - velocity).pow(2).flatten(1).mean(dim=1)  # (B,)
-        if self.prediction == "noise":
+        if self.prediction == "data":
+            err = pred - x  # (B, ...)
+        elif self.prediction == "noise":
             err = pred - noise  # (B, ...)
         else:
             err = self.sigma(broadcast_time(t, x)) * pred + noise  # (B, ...): sigma (s_theta + eps / sigma)
@@ -345,19 +425,12 @@ class VPInterpolant(Interpolant):
     sigma'_t = -alpha_t^2 beta_t / (2 sigma_t) diverges at t = 1, hence the eps margins at that end.
     """
 
-    def __init__(
-        self,
-        beta_min: float = 0.1,
-        beta_max: float = 20.0,
-        prediction: str = "velocity",
-        loss_weight: str | None = None,
-        train_eps: float | None = None,
-        sample_eps: float | None = None,
-    ) -> None:
-        """Store the beta schedule's end points (SiT's `VPCPlan(sigma_min=0.1, sigma_max=20)`)."""
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, **interpolant_args: Any) -> None:
+        """Store the beta schedule's end points (SiT's `VPCPlan(sigma_min=0.1, sigma_max=20)`); the other
+        arguments are `Interpolant`'s."""
         if not 0.0 < beta_min <= beta_max:
             raise ValueError(f"need 0 < beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}")
-        super().__init__(prediction, loss_weight, train_eps, sample_eps)
+        super().__init__(**interpolant_args)
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
     @staticmethod

@@ -1,18 +1,21 @@
 """ODE samplers (Euler, Heun, adaptive dopri5) for interpolant flow models, with classifier-free guidance.
 
 Convention (SiT, Ma et al. 2024; see ``interpolants.py``): ``t = 0`` is Gaussian noise, ``t = 1`` is data. The
-network ``net(x, t, y)`` predicts the velocity, the noise or the score (the interpolant's ``prediction``); every
-output is converted to the velocity ``v(x, t)`` by the interpolant, so one integrator serves all three. Sampling
-draws ``x ~ N(0, I)`` at ``t0`` and integrates the probability-flow ODE ``dx/dt = v(x, t)`` up to ``t1``, where
-``(t0, t1) = interpolant.time_interval(sampling=True)``: ``(0, 1)`` for velocity nets on the linear/GVP paths,
-``(1e-3, 1 - 1e-3)`` for noise/score nets there and ``(0, 1 - 1e-3)`` on VP (SiT's ``check_interval``).
+network ``net(x, t, y)`` predicts the velocity, the noise, the score or the data (the interpolant's
+``prediction``); every output is converted to the velocity ``v(x, t)`` by the interpolant, so one integrator
+serves all four. Sampling draws ``x ~ N(0, I)`` at ``t0`` and integrates the probability-flow ODE
+``dx/dt = v(x, t)`` up to ``t1``, where ``(t0, t1) = interpolant.time_interval(sampling=True)``: ``(0, 1)`` for
+velocity and data nets on the linear/GVP paths, ``(1e-3, 1 - 1e-3)`` for noise/score nets there and
+``(0, 1 - 1e-3)`` on VP (SiT's ``check_interval``).
 
 * Euler on the uniform grid ``t_i = t0 + (t1 - t0) i / N``: ``x_{i+1} = x_i + dt v(x_i, t_i)`` (``N`` NFE).
 * Heun (explicit trapezoid, 2nd order): predictor ``x~ = x_i + dt v(x_i, t_i)``, corrector
   ``x_{i+1} = x_i + dt / 2 (v(x_i, t_i) + v(x~, t_{i+1}))`` (``2N`` NFE). EDM (Karras et al. 2022) falls back to
-  Euler on its last step because its correction would need the denoiser at sigma = 0; here ``t1`` is always in
-  the training range (the exact linear-path field at ``t = 1`` is ``v(x, 1) = x - E[eps] = x``), so Heun is
-  applied on every step including the last.
+  Euler on its last step because its correction would need the denoiser at sigma = 0; for velocity, noise and
+  score nets ``t1`` is in the training range (the exact linear-path field at ``t = 1`` is ``v(x, 1) = x - E[eps]
+  = x``), so Heun is applied on every step including the last. A data-predicting net's velocity is undefined at
+  ``sigma = 0``, so there the last step is Euler, as in JiT and EDM (``2N - 1`` NFE); on the linear path it lands
+  exactly on the net's data prediction.
 * dopri5 (SiT's published ODE sampler: ``torchdiffeq.odeint``, ``atol=1e-6``, ``rtol=1e-3``): adaptive
   Dormand-Prince 5(4); ``num_steps`` is ignored and the NFE of the last call is in ``last_nfe``. The step-size
   control uses torchdiffeq's RMS norm over the whole batch, as SiT does.
@@ -171,6 +174,11 @@ class ODESampler(FlowSampler):
         if not (float(atol) > 0 and float(rtol) > 0):
             raise ValueError(f"atol and rtol must be > 0, got atol={atol}, rtol={rtol}")
         super().__init__(cfg_scale, guidance_interval, guided_channels, interpolant)
+        if method == "dopri5" and self.interpolant.prediction == "data":
+            raise ValueError(
+                "method='dopri5' evaluates the velocity at t = 1, where a data-predicting net's velocity is undefined "
+                "(sigma = 0); use method=heun (its last step is Euler) or euler"
+            )
         self.method = method
         self.num_steps = num_steps
         self.atol, self.rtol = float(atol), float(rtol)
@@ -190,19 +198,26 @@ class ODESampler(FlowSampler):
         """Network evaluations per sample (a batched CFG call counts as one); None for adaptive dopri5."""
         if self.method == "dopri5":
             return None
-        return self.num_steps * (2 if self.method == "heun" else 1)
+        if self.method == "euler":
+            return self.num_steps
+        return 2 * self.num_steps - (1 if self.euler_last_step else 0)
+
+    @property
+    def euler_last_step(self) -> bool:
+        """True when Heun's last corrector would need the velocity at sigma = 0: a data-predicting net."""
+        return self.interpolant.prediction == "data"
 
     def timesteps(self, device: torch.device | str | None = None) -> Tensor:
         """Uniform integration grid t0 < ... < t1 (the interpolant's sampling interval), (N + 1,), float64."""
         t0, t1 = self.interpolant.time_interval(sampling=True)
         return torch.linspace(t0, t1, self.num_steps + 1, dtype=torch.float64, device=device)  # (N+1,)
 
-    def step(self, net: Net, x: Tensor, t: float, t_next: float, labels: Tensor) -> Tensor:
-        """Advance x (B, C, ...) from t to t_next with one Euler or Heun step."""
+    def step(self, net: Net, x: Tensor, t: float, t_next: float, labels: Tensor, last: bool = False) -> Tensor:
+        """Advance x (B, C, ...) from t to t_next with one Euler or Heun step (Euler for a data net's `last`)."""
         dt = t_next - t
         v = self.velocity(net, x, t, labels)  # (B, C, ...)
         x_pred = x + dt * v  # (B, C, ...)
-        if self.method == "euler":
+        if self.method == "euler" or (last and self.euler_last_step):
             return x_pred
         v_next = self.velocity(net, x_pred, t_next, labels)  # (B, C, ...)
         return x + (0.5 * dt) * (v + v_next)  # (B, C, ...)
@@ -243,7 +258,8 @@ class ODESampler(FlowSampler):
         x = self.prior(net, labels, latent_shape, generator, dtype)  # (B, *latent_shape)
         if self.method == "dopri5":
             return self.integrate_adaptive(net, x, labels)  # (B, *latent_shape)
-        for t, t_next in itertools.pairwise(self.timesteps().tolist()):
-            x = self.step(net, x, t, t_next, labels)  # (B, *latent_shape)
+        times = self.timesteps().tolist()
+        for i, (t, t_next) in enumerate(itertools.pairwise(times)):
+            x = self.step(net, x, t, t_next, labels, last=i == len(times) - 2)  # (B, *latent_shape)
         self.last_nfe = self.nfe
         return x

@@ -7,6 +7,9 @@ Sampling integrates dx/dt = v_θ(x, t, y) from t = 0 (noise) to t = 1 with an OD
 SDE solver, with classifier-free guidance; the sampler comes from the `sampling` config.
 The network is the DiT backbone (`visgen.nn.dit.DiT`); the released SiT checkpoints keep DiT's
 learned-Σ output channels, which SiT never reads (the interpolant uses the first C channels).
+The interpolant (`model.interpolant`) also offers SiT's GVP/VP paths and noise/score predictions, and JiT's
+variant (Li & He, 2025): the net predicts the data x, trained with the velocity loss it implies and
+logit-normal times (`prediction: data`, `loss_weight: velocity`, `time_sampling: logit_normal`).
 """
 
 from __future__ import annotations
