@@ -430,3 +430,19 @@ def test_data_prediction_heun_ends_with_an_euler_step_onto_the_prediction() -> N
     torch.testing.assert_close(out, replay.field(x, torch.full((2,), 0.75), labels), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="dopri5"):
         ODESampler("dopri5", interpolant=path)
+
+
+def test_time_shift_is_sd3s_shift_and_still_samples_the_mixture() -> None:
+    """time_shift s maps the uniform grid to SD3's shifted one (sigma' = s sigma / (1 + (s - 1) sigma) with
+    sigma = 1 - t), keeps both ends, spends more steps at high noise, and Heun on it matches the mixture."""
+    uniform = ODESampler("heun", 10).timesteps()  # (N+1,)
+    shifted = ODESampler("heun", 10, time_shift=3.0).timesteps()  # (N+1,)
+    sigma = 1.0 - uniform  # (N+1,)
+    torch.testing.assert_close(1.0 - shifted, 3.0 * sigma / (1.0 + 2.0 * sigma), rtol=0, atol=1e-15)
+    assert shifted[0] == 0.0 and shifted[-1] == 1.0 and bool((shifted.diff() > 0).all())
+    assert bool((shifted[1:-1] < uniform[1:-1]).all())
+    sampler = ODESampler("heun", 20, time_shift=3.0)
+    ok, reason = check_gmm_samples(sample_mixture(sampler), WEIGHTS, MEANS, COVS)
+    assert ok, reason
+    with pytest.raises(ValueError, match="time_shift"):
+        ODESampler(time_shift=0.0)

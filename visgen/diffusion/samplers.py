@@ -166,11 +166,15 @@ class ODESampler(FlowSampler):
         interpolant: Interpolant | None = None,
         atol: float = 1e-6,
         rtol: float = 1e-3,
+        time_shift: float = 1.0,
     ) -> None:
         """Store and validate the integration and guidance settings (Hydra-instantiable)."""
         if method not in METHODS:
             raise ValueError(f"unknown ODE method {method!r}; allowed: {', '.join(METHODS)}")
         _check_positive_int("num_steps", num_steps)
+        time_shift = float(time_shift)
+        if not (math.isfinite(time_shift) and time_shift > 0):
+            raise ValueError(f"time_shift must be a finite number > 0 (1 = uniform grid), got {time_shift}")
         if not (float(atol) > 0 and float(rtol) > 0):
             raise ValueError(f"atol and rtol must be > 0, got atol={atol}, rtol={rtol}")
         super().__init__(cfg_scale, guidance_interval, guided_channels, interpolant)
@@ -181,6 +185,7 @@ class ODESampler(FlowSampler):
             )
         self.method = method
         self.num_steps = num_steps
+        self.time_shift = time_shift
         self.atol, self.rtol = float(atol), float(rtol)
         self.last_nfe: int | None = None
 
@@ -188,7 +193,8 @@ class ODESampler(FlowSampler):
         """Readable summary for logs."""
         tolerances = f", atol={self.atol}, rtol={self.rtol}" if self.method == "dopri5" else ""
         return (
-            f"ODESampler(method={self.method!r}, num_steps={self.num_steps}, cfg_scale={self.cfg_scale}, "
+            f"ODESampler(method={self.method!r}, num_steps={self.num_steps}, time_shift={self.time_shift}, "
+            f"cfg_scale={self.cfg_scale}, "
             f"guidance_interval={self.guidance_interval}, guided_channels={self.guided_channels}, "
             f"interpolant={self.interpolant!r}{tolerances})"
         )
@@ -208,9 +214,14 @@ class ODESampler(FlowSampler):
         return self.interpolant.prediction == "data"
 
     def timesteps(self, device: torch.device | str | None = None) -> Tensor:
-        """Uniform integration grid t0 < ... < t1 (the interpolant's sampling interval), (N + 1,), float64."""
+        """Integration grid t0 < ... < t1 over the interpolant's sampling interval, (N + 1,), float64: uniform,
+        or with `time_shift` s > 1 SD3's shift u -> u / (s - (s - 1) u) of the uniform fraction u, which spends
+        more steps at high noise (t near 0 here; SD3 writes it for t = 1 noise)."""
         t0, t1 = self.interpolant.time_interval(sampling=True)
-        return torch.linspace(t0, t1, self.num_steps + 1, dtype=torch.float64, device=device)  # (N+1,)
+        u = torch.linspace(0.0, 1.0, self.num_steps + 1, dtype=torch.float64, device=device)  # (N+1,)
+        if self.time_shift != 1.0:
+            u = u / (self.time_shift - (self.time_shift - 1.0) * u)  # (N+1,): end points stay 0 and 1
+        return t0 + (t1 - t0) * u  # (N+1,)
 
     def step(self, net: Net, x: Tensor, t: float, t_next: float, labels: Tensor, last: bool = False) -> Tensor:
         """Advance x (B, C, ...) from t to t_next with one Euler or Heun step (Euler for a data net's `last`)."""
