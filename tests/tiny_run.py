@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import lightning as L
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -38,3 +39,18 @@ def compose_train(run_dir: Path, data_dir: Path, *overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[*TINY, f"paths.run_dir={run_dir}", f"paths.data_dir={data_dir}",
                                            f"paths.cache_dir={data_dir / 'cache'}", *overrides])
+
+
+class StopAfterSteps(L.Callback):
+    """Stops training after `steps` optimizer steps without touching max_steps: an interrupted job, whose lr
+    schedule (a function of step and max_steps) stays the one the uninterrupted run follows."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+STOP_AFTER_8_STEPS = ["+callbacks.stop._target_=tests.tiny_run.StopAfterSteps", "+callbacks.stop.steps=8"]

@@ -40,8 +40,13 @@ def param_groups(net: nn.Module, weight_decay: float, decay_min_ndim: int) -> li
     ]
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
-    """Linear warmup from 0, then `constant` or `cosine` decay to `min_ratio` of the peak at total_steps."""
+def lr_multiplier(
+    step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0,
+    cooldown_fraction: float = 0.0,
+) -> float:
+    """Linear warmup from 0, then `constant`; `cosine` decay to `min_ratio` of the peak at total_steps; or `wsd`
+    (warmup-stable-decay, Hägele et al. 2024): constant, then linear to `min_ratio` over the last
+    `cooldown_fraction` of total_steps (a fraction, so a shortened run keeps its cooldown's shape)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -49,7 +54,16 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str,
     if schedule == "cosine":
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr schedule {schedule!r}; use 'constant' or 'cosine' (model.optimizer.schedule)")
+    if schedule == "wsd":
+        if not 0.0 < cooldown_fraction <= 1.0:
+            raise ValueError(f"schedule 'wsd' needs 0 < model.optimizer.cooldown_fraction <= 1 (the share of "
+                             f"total steps spent decaying), got {cooldown_fraction}")
+        cooldown_steps = cooldown_fraction * total_steps
+        progress = min(1.0, max(0.0, (step - (total_steps - cooldown_steps)) / cooldown_steps))
+        return 1.0 - (1.0 - min_ratio) * progress
+    raise ValueError(
+        f"unknown lr schedule {schedule!r}; use 'constant', 'cosine' or 'wsd' (model.optimizer.schedule)"
+    )
 
 
 class GenerativeModule(L.LightningModule):
@@ -148,8 +162,10 @@ class GenerativeModule(L.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         warmup, schedule, min_ratio = cfg.get("warmup_steps", 0), cfg.get("schedule", "constant"), cfg.get(
             "min_lr_ratio", 0.0)
+        cooldown = cfg.get("cooldown_fraction", 0.0)
+        lr_multiplier(warmup, warmup, total_steps, schedule, min_ratio, cooldown)  # a bad schedule fails here
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_multiplier(step, warmup, total_steps, schedule, min_ratio)
+            opt, lambda step: lr_multiplier(step, warmup, total_steps, schedule, min_ratio, cooldown)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
