@@ -8,7 +8,8 @@ serves all four. Sampling draws ``x ~ N(0, I)`` at ``t0`` and integrates the pro
 velocity and data nets on the linear/GVP paths, ``(1e-3, 1 - 1e-3)`` for noise/score nets there and
 ``(0, 1 - 1e-3)`` on VP (SiT's ``check_interval``).
 
-* Euler on the uniform grid ``t_i = t0 + (t1 - t0) i / N``: ``x_{i+1} = x_i + dt v(x_i, t_i)`` (``N`` NFE).
+* Euler on the uniform grid ``t_i = t0 + (t1 - t0) i / N`` (or, with ``time_shift = s``, SD3's shifted one,
+  ``u_i = i / N`` mapped to ``u_i / (s - (s - 1) u_i)``): ``x_{i+1} = x_i + dt v(x_i, t_i)`` (``N`` NFE).
 * Heun (explicit trapezoid, 2nd order): predictor ``x~ = x_i + dt v(x_i, t_i)``, corrector
   ``x_{i+1} = x_i + dt / 2 (v(x_i, t_i) + v(x~, t_{i+1}))`` (``2N`` NFE). EDM (Karras et al. 2022) falls back to
   Euler on its last step because its correction would need the denoiser at sigma = 0; for velocity, noise and
