@@ -179,7 +179,7 @@ class ODESampler(FlowSampler):
         if not (float(atol) > 0 and float(rtol) > 0):
             raise ValueError(f"atol and rtol must be > 0, got atol={atol}, rtol={rtol}")
         super().__init__(cfg_scale, guidance_interval, guided_channels, interpolant)
-        if method == "dopri5" and self.interpolant.prediction == "data":
+        if method == "dopri5" and self.euler_last_step:
             raise ValueError(
                 "method='dopri5' evaluates the velocity at t = 1, where a data-predicting net's velocity is undefined "
                 "(sigma = 0); use method=heun (its last step is Euler) or euler"
@@ -220,8 +220,7 @@ class ODESampler(FlowSampler):
         more steps at high noise (t near 0 here; SD3 writes it for t = 1 noise)."""
         t0, t1 = self.interpolant.time_interval(sampling=True)
         u = torch.linspace(0.0, 1.0, self.num_steps + 1, dtype=torch.float64, device=device)  # (N+1,)
-        if self.time_shift != 1.0:
-            u = u / (self.time_shift - (self.time_shift - 1.0) * u)  # (N+1,): end points stay 0 and 1
+        u = u / (self.time_shift - (self.time_shift - 1.0) * u)  # (N+1,): ends stay 0 and 1; s = 1 leaves u exact
         return t0 + (t1 - t0) * u  # (N+1,)
 
     def step(self, net: Net, x: Tensor, t: float, t_next: float, labels: Tensor, last: bool = False) -> Tensor:
