@@ -252,3 +252,34 @@ def test_init_from_a_raw_file_gives_both_copies_without_sharing_memory(tmp_path)
         assert torch.equal(net.state_dict()[k], v) and torch.equal(ema.state_dict()[k], v)
         assert net.state_dict()[k].data_ptr() != ema.state_dict()[k].data_ptr()
     assert not net.pos_embed.requires_grad and not any(p.requires_grad for p in ema.parameters())
+
+
+def test_a_registered_format_renames_keys_and_picks_its_own_ema_entry(tmp_path, caplog, monkeypatch):
+    """A family registers its format beside its net class: its key map and EMA entry are used, for subclasses
+    too, while other nets keep the default; init_from gives the raw entry to the net and the EMA entry to the EMA."""
+    from visgen import official
+    from visgen.official import OfficialFormat, official_format, register_official
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(2, 3)
+
+    class TinySub(Tiny):
+        pass
+
+    monkeypatch.setattr(official, "_FORMATS", {})
+    fmt = OfficialFormat(key_map=lambda s: {k.replace("fc.", "proj."): v for k, v in s.items()},
+                         ema_entries=("model_ema",), raw_entries=("model",))
+    register_official(Tiny, fmt)
+    assert official_format(TinySub()) is fmt and official_format(torch.nn.Linear(1, 1)) is official.DEFAULT_FORMAT
+    raw = {"fc.weight": torch.zeros(3, 2), "fc.bias": torch.zeros(3)}
+    ema = {"fc.weight": torch.ones(3, 2), "fc.bias": torch.ones(3)}
+    torch.save({"model": raw, "model_ema": ema}, tmp_path / "ckpt.pth")
+    state, source = official.official_state_dict(official.read_checkpoint(tmp_path / "ckpt.pth"), "f", fmt)
+    assert "'model_ema'" in source and torch.equal(state["fc.weight"], ema["fc.weight"])
+    with pytest.raises(ValueError, match="'ema/model'"):  # the default format does not know 'model_ema'
+        official.official_state_dict({"model_ema": ema}, "f")
+    net, ema_net = TinySub(), TinySub()
+    init_net_from(net, ema_net, tmp_path / "ckpt.pth")
+    assert torch.equal(net.proj.weight, raw["fc.weight"]) and torch.equal(ema_net.proj.weight, ema["fc.weight"])

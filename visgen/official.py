@@ -1,4 +1,4 @@
-"""Load the official DiT/SiT checkpoints into visgen nets, strictly, and start runs from them.
+"""Load official checkpoints into visgen nets, strictly, and start runs from them: the generic machinery.
 
 Two entry points:
 
@@ -12,8 +12,11 @@ Two entry points:
   run from given weights with a fresh optimizer (unlike a resume).
 
 A file whose layout does not fit is refused with up to five differing keys and the presets whose
-layout it does fit. Key names go through a per-family mapping (`register_key_map`): the identity
-for DiT and SiT, whose names `visgen.nn.dit.DiT` keeps; REPA and MAR add theirs here.
+layout it does fit. What differs between families (which checkpoint entries hold the EMA and the raw
+weights, how official key names map onto visgen's) is an `OfficialFormat` that each family registers beside
+its own net class with `register_official(NetClass, OfficialFormat(...))`; this file holds no family's
+quirks. Nets without a registration (DiT and SiT, whose names `visgen.nn.dit.DiT` keeps) use the default:
+names unchanged, EMA under "ema", raw weights under "model".
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ __all__ = [
     "matching_experiments",
     "read_checkpoint",
     "official_state_dict",
-    "register_key_map",
-    "map_keys",
+    "OfficialFormat",
+    "register_official",
+    "official_format",
     "load_strict",
     "load_official",
     "init_net_from",
@@ -195,7 +199,7 @@ def _mismatch_error(what: str, target: str, file_layout: Mapping[str, Shape], ne
         hint = f"this file matches {alt}; load it with that preset"
     else:
         hint = (f"no preset in {CONF_DIR / 'experiment'} matches its layout; check that the file is a checkpoint "
-                "of this model family, or add a key mapping with visgen.official.register_key_map")
+                "of this model family, or register the family's key mapping with visgen.official.register_official")
     return LayoutMismatchError(
         f"{what} does not fit {target}: the file has {len(file_layout)} tensors ({_numel(file_layout):,} values), "
         f"the net {len(net_layout)} ({_numel(net_layout):,}); {diff.describe(net_layout)}\n{hint}"
@@ -258,54 +262,69 @@ def _is_visgen(obj: Mapping[str, Any]) -> bool:
     return "visgen" in obj and isinstance(obj.get("state_dict"), Mapping)
 
 
-def official_state_dict(obj: Mapping[str, Any], what: str) -> tuple[StateDict, str]:
+# ----- per-family formats --------------------------------------------------------------------------
+def _identity(state: StateDict) -> StateDict:
+    """Official names are visgen's names: nothing to rename."""
+    return state
+
+
+@dataclass(frozen=True)
+class OfficialFormat:
+    """How one family's released files store a net: which entries hold weights, and its key names.
+
+    `key_map` renames (and may reshape or drop documented extras of) an official state dict into the
+    net's own names; it must name every key it drops in its docstring and test. `ema_entries` are tried
+    first (the weights sampling uses), then `raw_entries` (with a warning, e.g. LlamaGen's raw "model").
+    """
+
+    key_map: KeyMap = _identity
+    ema_entries: tuple[str, ...] = ("ema",)
+    raw_entries: tuple[str, ...] = ("model",)
+
+
+DEFAULT_FORMAT = OfficialFormat()
+_FORMATS: dict[type, OfficialFormat] = {}
+
+
+def register_official(net_class: type, official_format: OfficialFormat) -> None:
+    """Declare how the released checkpoints of `net_class` (and its subclasses) are read; call it beside the
+    class, in the family's own module."""
+    _FORMATS[net_class] = official_format
+
+
+def official_format(net: nn.Module | type) -> OfficialFormat:
+    """The registered format of `net`'s class (nearest in its MRO), or the default."""
+    cls = net if isinstance(net, type) else type(net)
+    return next((_FORMATS[c] for c in cls.__mro__ if c in _FORMATS), DEFAULT_FORMAT)
+
+
+def _family(experiment: str) -> str:
+    """A preset's family for ordering suggestions: its name up to the first underscore (dit_xl_2 -> dit)."""
+    return experiment.split("_", 1)[0]
+
+
+def official_state_dict(obj: Mapping[str, Any], what: str, fmt: OfficialFormat = DEFAULT_FORMAT
+                        ) -> tuple[StateDict, str]:
     """The weights to load from a read file, and which part they came from (EMA whenever present)."""
+    ema_entry = next((e for e in fmt.ema_entries if isinstance(obj.get(e), Mapping)), None)
+    raw_entry = next((e for e in fmt.raw_entries if isinstance(obj.get(e), Mapping)), None)
     if _is_state_dict(obj):
         state, source = dict(obj), "raw state dict"
     elif _is_visgen(obj):
         state = _visgen_weights(obj, obj["visgen"].get("ema_prefix", "ema."), what)
         source = "visgen checkpoint, EMA weights"
-    elif isinstance(obj.get("ema"), Mapping):
-        state, source = dict(obj["ema"]), "training-script checkpoint, its 'ema' weights"
-    elif isinstance(obj.get("model"), Mapping):
-        state, source = dict(obj["model"]), "training-script checkpoint without 'ema': its raw 'model' weights"
-        log.warning("%s has no 'ema' entry: loading its raw 'model' weights", what)
+    elif ema_entry is not None:
+        state, source = dict(obj[ema_entry]), f"training-script checkpoint, its {ema_entry!r} weights"
+    elif raw_entry is not None:
+        state = dict(obj[raw_entry])
+        source = f"training-script checkpoint without {'/'.join(fmt.ema_entries)!r}: its raw {raw_entry!r} weights"
+        log.warning("%s has no %s entry: loading its raw %r weights", what, "/".join(fmt.ema_entries), raw_entry)
     else:
-        raise ValueError(f"{what} is neither a state dict nor a checkpoint with 'ema'/'model' weights; "
+        entries = "/".join(fmt.ema_entries + fmt.raw_entries)
+        raise ValueError(f"{what} is neither a state dict nor a checkpoint with {entries!r} weights; "
                          f"top-level keys: {sorted(map(str, obj))[:10]}")
     log.info("%s: using the %s", what, source)
     return _strip_wrapper_prefixes(state, what), source
-
-
-# ----- key mappings per family ---------------------------------------------------------------------
-_KEY_MAPS: dict[str, KeyMap] = {}
-
-
-def _family(experiment: str) -> str:
-    """A preset's family: its name up to the first underscore (dit_xl_2 -> dit)."""
-    return experiment.split("_", 1)[0]
-
-
-def register_key_map(*families: str) -> Callable[[KeyMap], KeyMap]:
-    """Decorator: use this official-name -> visgen-name mapping for the presets of `families`."""
-
-    def register(fn: KeyMap) -> KeyMap:
-        for family in families:
-            _KEY_MAPS[family] = fn
-        return fn
-
-    return register
-
-
-@register_key_map("dit", "sit")
-def _identity(state: StateDict) -> StateDict:
-    """visgen.nn.dit.DiT keeps the official DiT/SiT parameter names: nothing to rename."""
-    return state
-
-
-def map_keys(state: StateDict, experiment: str | None) -> StateDict:
-    """Rename official keys to visgen's with the family's mapping (identity for unknown families)."""
-    return _KEY_MAPS.get(_family(experiment), _identity)(state) if experiment else state
 
 
 # ----- loading -------------------------------------------------------------------------------------
@@ -343,8 +362,9 @@ def load_official(experiment: str, path: str | Path, map_location: str | torch.d
     checkpoint, visgen checkpoint or safetensors file), loaded strictly; returned in eval mode."""
     path = Path(path)
     net = _build_on_meta(compose_experiment(experiment, overrides))
-    state, source = official_state_dict(read_checkpoint(path, map_location), str(path))
-    load_strict(net, map_keys(state, experiment), str(path), experiment)
+    fmt = official_format(net)
+    state, source = official_state_dict(read_checkpoint(path, map_location), str(path), fmt)
+    load_strict(net, fmt.key_map(state), str(path), experiment)
     log.info("loaded %s (%s) into experiment=%s: %s parameters", path, source, experiment,
              f"{sum(p.numel() for p in net.parameters()):,}")
     return net.eval()
@@ -361,6 +381,9 @@ def init_net_from(net: nn.Module, ema: nn.Module | None, path: str | Path, exper
     path = Path(path)
     obj = read_checkpoint(path)
     what = str(path)
+    fmt = official_format(net)
+    ema_entry = next((e for e in fmt.ema_entries if isinstance(obj.get(e), Mapping)), None)
+    raw_entry = next((e for e in fmt.raw_entries if isinstance(obj.get(e), Mapping)), None)
     if _is_visgen(obj):
         net_state = _strip_wrapper_prefixes(_visgen_weights(obj, "net.", what), what)
         ema_prefix = obj["visgen"].get("ema_prefix", "ema.")
@@ -370,18 +393,18 @@ def init_net_from(net: nn.Module, ema: nn.Module | None, path: str | Path, exper
         if others:
             log.info("%s: not loading the checkpoint's %s weights (only net and EMA start a run)", what, others)
         source = "visgen checkpoint: net <- 'net.', EMA <- " + ("'ema.'" if has_ema else "'net.' (it has no EMA)")
-    elif not _is_state_dict(obj) and isinstance(obj.get("model"), Mapping) and isinstance(obj.get("ema"), Mapping):
-        net_state = _strip_wrapper_prefixes(dict(obj["model"]), what)
-        ema_state = _strip_wrapper_prefixes(dict(obj["ema"]), what)
-        source = "training-script checkpoint: net <- 'model', EMA <- 'ema'"
+    elif not _is_state_dict(obj) and raw_entry is not None and ema_entry is not None:
+        net_state = _strip_wrapper_prefixes(dict(obj[raw_entry]), what)
+        ema_state = _strip_wrapper_prefixes(dict(obj[ema_entry]), what)
+        source = f"training-script checkpoint: net <- {raw_entry!r}, EMA <- {ema_entry!r}"
     else:
-        net_state, part = official_state_dict(obj, what)
+        net_state, part = official_state_dict(obj, what, fmt)
         ema_state = net_state
         source = f"{part}: net and EMA <- the same weights"
-    load_strict(net, map_keys(net_state, experiment), f"{what} (net weights)", experiment)
+    load_strict(net, fmt.key_map(net_state), f"{what} (net weights)", experiment)
     if ema is not None:
         if ema_state is net_state and any(t.is_meta for t in ema.parameters()):
             ema_state = {k: v.clone() for k, v in net_state.items()}  # assign must not alias the net's tensors
-        load_strict(ema, map_keys(ema_state, experiment), f"{what} (EMA weights)", experiment)
+        load_strict(ema, fmt.key_map(ema_state), f"{what} (EMA weights)", experiment)
     log.info("init_from %s (%s)", path, source)
     return f"{path} ({source})"

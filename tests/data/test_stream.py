@@ -36,9 +36,14 @@ def _write(tmp_path: Path, num_shards: int, per_shard: int) -> str:
     return str(tmp_path / f"part-{{0000..{num_shards - 1:04d}}}.tar")
 
 
-def _ids(items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
-    """Sample ids decoded from the pixels of (image, label) items."""
-    return [int(image[0, 0, -1]) + 256 * int(image[1, 0, -1]) for image, _ in items]
+def _unbatch(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A collated {"image", "label"} batch back into its samples."""
+    return [{"image": image, "label": label} for image, label in zip(batch["image"], batch["label"], strict=True)]
+
+
+def _ids(items: list[dict[str, torch.Tensor]]) -> list[int]:
+    """Sample ids decoded from the pixels of {"image", "label"} items."""
+    return [int(item["image"][0, 0, -1]) + 256 * int(item["image"][1, 0, -1]) for item in items]
 
 
 def test_expand_spec_errors_and_forms(tmp_path: Path) -> None:
@@ -75,7 +80,7 @@ def test_exact_split_across_ranks_and_workers(tmp_path: Path) -> None:
             assert [Path(s).name for s in shards] == expected_names
             items = list(stream.iter_worker(worker_id, num_workers))
             assert len(items) == 10
-            labels = [int(label) for _, label in items]
+            labels = [int(item["label"]) for item in items]
             assert labels == [sample_id % 10 for sample_id in _ids(items)]
             seen.extend(_ids(items))
     assert sorted(seen) == list(range(60))  # every sample exactly once
@@ -105,7 +110,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path, caplog: pytest.
     with caplog.at_level(logging.WARNING, logger="visgen.data.stream"):
         items = list(stream)
     assert _ids(items) == [0, 1, 3]
-    assert [int(label) for _, label in items] == [1, 1, 7]
+    assert [int(item["label"]) for item in items] == [1, 1, 7]
     assert stream.num_skipped == 4
     text = caplog.text
     for key in ("garbage-png", "float-cls", "no-cls", "bad-label"):
@@ -133,7 +138,7 @@ def test_resampled_is_deterministic_and_exact(tmp_path: Path) -> None:
     first = list(stream.iter_worker(1, 2))
     again = list(_resampled(spec).iter_worker(1, 2))
     assert len(first) == len(again) == 12
-    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, again, strict=True))
+    assert all(torch.equal(a["image"], b["image"]) and a["label"] == b["label"] for a, b in zip(first, again, strict=True))
     assert len({*_ids(first)}) > 6  # drawn across several shards, not just one
 
     other_epoch = _resampled(spec)
@@ -144,7 +149,7 @@ def test_resampled_is_deterministic_and_exact(tmp_path: Path) -> None:
         assert _ids(list(variant.iter_worker(1, 2))) != _ids(first)
     assert _ids(list(stream.iter_worker(0, 2))) != _ids(first)
 
-    flips = [bool(image[2, 0, 0] == 0) for image, _ in first]  # left half unmarked = flipped
+    flips = [bool(item["image"][2, 0, 0] == 0) for item in first]  # left half unmarked = flipped
     assert any(flips) and not all(flips)
 
     # Exact counts: 7 batches of 4 per rank split 3/2/2 over 3 workers; every rank the same.
@@ -166,7 +171,7 @@ def test_dataloader_workers_follow_epoch_and_resume(tmp_path: Path) -> None:
     torch.manual_seed(0)
     expected_draw = torch.rand(3)
     torch.manual_seed(0)
-    epoch0 = [_ids(list(zip(images, labels, strict=True))) for images, labels in loader]
+    epoch0 = [_ids(_unbatch(batch)) for batch in loader]
     assert torch.equal(torch.rand(3), expected_draw)  # making the iterator left the global RNG alone
     assert [len(batch) for batch in epoch0] == [4] * 5
 
@@ -176,10 +181,10 @@ def test_dataloader_workers_follow_epoch_and_resume(tmp_path: Path) -> None:
     assert epoch0 == round_robin
 
     stream.set_epoch(1)
-    epoch1 = [_ids(list(zip(images, labels, strict=True))) for images, labels in loader]
+    epoch1 = [_ids(_unbatch(batch)) for batch in loader]
     assert epoch1 != epoch0
     stream.set_epoch(1, skip_batches=3)
-    assert [_ids(list(zip(images, labels, strict=True))) for images, labels in loader] == epoch1[3:]
+    assert [_ids(_unbatch(batch)) for batch in loader] == epoch1[3:]
 
 
 def _round_robin(stream: ShardStream, num_workers: int) -> list[list[int]]:
@@ -247,14 +252,14 @@ def test_datamodule_batches_and_accumulation(tmp_path: Path) -> None:
 
     batches = list(module.train_dataloader())
     assert len(batches) == 6  # 3 steps x 2 micro-batches
-    images, labels = batches[0]
+    images, labels = batches[0]["image"], batches[0]["label"]
     assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == torch.uint8
     assert labels.shape == (4,) and labels.dtype == torch.int64
     module.set_epoch(1)
-    assert [b[1].tolist() for b in module.train_dataloader()] != [b[1].tolist() for b in batches]
+    assert [b["label"].tolist() for b in module.train_dataloader()] != [b["label"].tolist() for b in batches]
 
     val_batches = list(module.val_dataloader())
-    val_ids = [i for images, labels in val_batches for i in _ids(list(zip(images, labels, strict=True)))]
+    val_ids = [i for batch in val_batches for i in _ids(_unbatch(batch))]
     assert sorted(val_ids) == list(range(32))
     assert load_all(spec, SIZE)[0].shape == (32, 3, SIZE, SIZE)
 

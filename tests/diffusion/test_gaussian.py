@@ -244,14 +244,14 @@ def tiny_dit_module() -> DiTDiffusion:
 
 
 def test_dit_loss_is_finite_per_sample_and_decreases_on_a_fixed_batch() -> None:
-    """loss(net, x, y) is (B,) and finite, reproducible with a generator; Adam steps lower it on a fixed batch."""
+    """loss(net, batch) is (B,) and finite, reproducible with a generator; Adam steps lower it on a fixed batch."""
     module = tiny_dit_module()
     module.net.eval()  # no label dropout: it draws from the global RNG
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 4, 8, 8, generator=gen).clamp(-1, 1), torch.randint(0, 10, (8,), generator=gen)
 
     def fixed_loss() -> Tensor:
-        return module.loss(module.net, x, y, generator=torch.Generator().manual_seed(2))  # (B,)
+        return module.loss(module.net, {"latents": x, "labels": y}, generator=torch.Generator().manual_seed(2))  # (B,)
 
     first = fixed_loss().detach()
     assert first.shape == (8,) and bool(torch.isfinite(first).all())

@@ -197,6 +197,7 @@ def test_a_sit_module_on_kl_latents_keeps_the_vae_out_of_its_checkpoint(vae_dir:
     assert module.tokenizer.id == "tiny-vae@0.18215"
     assert not any(k.startswith("tokenizer.") for k in module.state_dict())
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    assert module.to_latents(images).shape == (2, 4, 16, 16)
+    batch = module.make_batch({"image": images, "label": torch.tensor([0, 1])})
+    assert batch["latents"].shape == (2, 4, 16, 16) and batch["images"].shape == (2, 3, 32, 32)
     samples = module.sample(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
     assert samples.shape == (2, 3, 32, 32) and samples.dtype == torch.uint8

@@ -82,8 +82,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
     original = SiT.loss
 
-    def loss_turning_nan(self, net, latents, labels, generator=None):
-        value = original(self, net, latents, labels, generator)
+    def loss_turning_nan(self, net, batch, generator=None):
+        value = original(self, net, batch, generator)
         return value * float("nan") if self.training and self.global_step >= 10 else value
 
     monkeypatch.setattr(SiT, "loss", loss_turning_nan)

@@ -1,4 +1,7 @@
-"""Deterministic streaming of (uint8 image, label) pairs from WebDataset tar shards (no Lightning needed)."""
+"""Deterministic streaming of {"image": uint8, "label": int64} samples from WebDataset tar shards (no Lightning).
+
+The DataLoader's default collate turns them into the dict batches `GenerativeModule.make_batch` reads.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ DEFAULT_SHARD_HINT = (
 )
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two or more letters, so 'C:\...' stays a local path
 
-ImageLabel = tuple[Tensor, Tensor]
+#: One sample: {"image": (3, H, W) uint8, "label": () int64}; collated into (B, ...) batches.
+ImageLabel = dict[str, Tensor]
 
 
 def expand_shard_spec(spec: str | list[str], hint: str = DEFAULT_SHARD_HINT) -> list[str]:
@@ -296,7 +300,7 @@ class ShardStream(IterableDataset):
         return True
 
     def _decode(self, raw: dict[str, Any], rng: random.Random, counts: dict[str, int]) -> ImageLabel | None:
-        """Decode one raw sample into ((3, H, W) uint8, int64 label), or return None if it is corrupt."""
+        """Decode one raw sample into {"image": (3, H, W) uint8, "label": int64}, or None if it is corrupt."""
         try:
             image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
             if image_key is None:
@@ -313,7 +317,7 @@ class ShardStream(IterableDataset):
         if self.random_flip and rng.random() < 0.5:
             arr = arr[:, ::-1]  # (H, W, 3) mirrored left-right
         image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-        return image, torch.tensor(label, dtype=torch.int64)
+        return {"image": image, "label": torch.tensor(label, dtype=torch.int64)}
 
     def _skip(self, raw: dict[str, Any], exc: Exception, counts: dict[str, int]) -> None:
         """Count a corrupt sample and warn about the first few, naming the shard and key."""
@@ -338,6 +342,6 @@ def load_all(shards: str, image_size: int, num_classes: int | None = None) -> tu
     if not items:
         raise ValueError(f"load_all: shards {shards!r} yielded no readable samples "
                          f"({stream.num_skipped} corrupt, {stream.num_shard_errors} shard read errors)")
-    images = torch.stack([image for image, _ in items])  # (N, 3, H, W) uint8
-    labels = torch.stack([label for _, label in items])  # (N,) int64
+    images = torch.stack([item["image"] for item in items])  # (N, 3, H, W) uint8
+    labels = torch.stack([item["label"] for item in items])  # (N,) int64
     return images, labels

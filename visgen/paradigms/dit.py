@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from visgen.diffusion.gaussian import GaussianDiffusion
-from visgen.training.module import GenerativeModule
+from visgen.training.module import Batch, GenerativeModule
 
 __all__ = ["DiTDiffusion"]
 
@@ -29,6 +29,6 @@ class DiTDiffusion(GenerativeModule):
         super().__init__(**kwargs)
         self.diffusion = diffusion or GaussianDiffusion()
 
-    def loss(self, net: nn.Module, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def loss(self, net: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample hybrid loss (B,) at a uniformly drawn step; t then ε come from `generator` when given."""
-        return self.diffusion.training_losses(net, latents, labels, generator=generator)["loss"]
+        return self.diffusion.training_losses(net, batch["latents"], batch["labels"], generator=generator)["loss"]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from visgen.diffusion.interpolants import Interpolant, LinearInterpolant
-from visgen.training.module import GenerativeModule
+from visgen.training.module import Batch, GenerativeModule
 
 __all__ = ["SiT"]
 
@@ -30,6 +30,6 @@ class SiT(GenerativeModule):
         super().__init__(**kwargs)
         self.interpolant = interpolant or LinearInterpolant()
 
-    def loss(self, net: nn.Module, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def loss(self, net: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample velocity MSE (B,) at a uniformly drawn time."""
-        return self.interpolant.training_loss(net, latents, labels, generator=generator)
+        return self.interpolant.training_loss(net, batch["latents"], batch["labels"], generator=generator)

@@ -1,7 +1,8 @@
 """The one LightningModule every paradigm extends: optimisation, EMA, precision, checkpoints, sampling.
 
-A paradigm subclass supplies only its method: `loss(net, latents, labels)` (per-sample, shape (B,))
-and a sampler (built from the `sampling` config). Everything else a month-long run needs lives
+A paradigm subclass supplies only its method: `loss(net, batch, generator)` (per-sample, shape (B,)) on
+the batch that `make_batch` builds from the loader's output (README convention 7), and a sampler (built
+from the `sampling` config). Everything else a month-long run needs lives
 here once: AdamW with a warmup schedule and a weight-decay rule, gradient-norm logging (clipping
 is the Trainer's `gradient_clip_val`), an EMA copy of the net, optional torch.compile, a hard stop
 on a non-finite loss, and run metadata plus per-rank RNG states in every checkpoint.
@@ -22,7 +23,12 @@ from visgen.tokenizers.base import Tokenizer
 from visgen.training.ema import ema_update, make_ema
 from visgen.training.rng import capture_rng_states, restore_rng_state
 
-__all__ = ["GenerativeModule", "EMA_PREFIX", "param_groups", "lr_multiplier"]
+__all__ = ["GenerativeModule", "EMA_PREFIX", "Batch", "param_groups", "lr_multiplier"]
+
+#: What `loss` receives (README convention 7): "latents" (normalised latents (B, C, h, w) or codes (B, h, w)),
+#: "labels" (B,) int64, and "images" (B, 3, H, W) float in [-1, 1] whenever the loader delivered pixels
+#: (always for image shards; for cached latents only when the cache keeps the image, as REPA needs).
+Batch = dict[str, Tensor]
 
 #: Documented checkpoint key: the EMA weights are `checkpoint["state_dict"]["ema." + <net key>]`.
 EMA_PREFIX = "ema."
@@ -101,15 +107,25 @@ class GenerativeModule(L.LightningModule):
         self._rng_to_restore: list[dict[str, Any]] | None = None
 
     # ----- the paradigm's part -------------------------------------------------------------
-    def loss(self, net: nn.Module, latents: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Per-sample training loss (B,) of `net` on normalised latents; paradigms override this."""
+    def loss(self, net: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample training loss (B,) of `net` on `batch` (see `Batch`); paradigms override this."""
         raise NotImplementedError
 
     # ----- data -> latents -----------------------------------------------------------------
     @torch.no_grad()
-    def to_latents(self, images_uint8: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """uint8 images from the loader -> normalised latents (tokenizer encode + posterior draw)."""
-        return self.tokenizer.sample(self.tokenizer.encode(from_uint8(images_uint8)), generator)
+    def make_batch(self, loader_batch: Mapping[str, Tensor], generator: torch.Generator | None = None) -> Batch:
+        """The loader's dict ({"image": uint8 (B, 3, H, W), "label": (B,)}) -> the `Batch` that `loss` reads.
+
+        Every paradigm goes through here, so how latents are made (encode on the fly now; cached latents
+        later) is decided once, and a paradigm that needs pixels (REPA) finds them under "images".
+        """
+        batch: Batch = {"labels": loader_batch["label"]}
+        if "image" in loader_batch:
+            batch["images"] = from_uint8(loader_batch["image"])  # (B, 3, H, W) in [-1, 1]
+            batch["latents"] = self.tokenizer.sample(self.tokenizer.encode(batch["images"]), generator)
+        else:
+            raise KeyError(f"the loader's batch has keys {sorted(loader_batch)}; it needs 'image' and 'label'")
+        return batch
 
     # ----- training ------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -118,9 +134,8 @@ class GenerativeModule(L.LightningModule):
             self.net.compile()
             self._compiled = True
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        loss = self.loss(self.net, self.to_latents(images), labels).mean()
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(self.net, self.make_batch(batch)).mean()
         if not torch.isfinite(loss):
             # Raising here stops fit before the optimizer step: weights, EMA and the last
             # checkpoint on disk stay as they were after the last good step.
@@ -170,13 +185,12 @@ class GenerativeModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- validation and sampling ---------------------------------------------------------
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         """EMA loss on held-out images with fixed noise (its own generator: no global RNG drawn)."""
-        images, labels = batch
         generator = torch.Generator(self.device).manual_seed(self.val_seed + batch_idx)
-        latents = self.to_latents(images, generator)
-        loss = self.loss(self.ema, latents, labels, generator=generator).mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(labels))
+        inputs = self.make_batch(batch, generator)
+        loss = self.loss(self.ema, inputs, generator=generator).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(inputs["labels"]))
 
     @torch.no_grad()
     def sample(self, labels: Tensor, sampler: Callable[..., Tensor] | None = None,
