@@ -81,6 +81,38 @@ def test_space_timesteps_semantics() -> None:
             space_timesteps(1000, bad)
 
 
+def _published_space_timesteps(num_timesteps: int, counts: list[int]) -> list[int]:
+    """improved DDPM respace.py's rule, transcribed line by line: a running float sum `cur_idx += frac_stride`."""
+    size_per, extra = num_timesteps // len(counts), num_timesteps % len(counts)
+    start_idx, all_steps = 0, []
+    for i, section_count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        for _ in range(section_count):
+            all_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        start_idx += size
+    return sorted(set(all_steps))
+
+
+def test_space_timesteps_equals_the_published_rule_for_every_step_count() -> None:
+    """All counts 2..1000 of T = 1000 (and sectioned strings) keep exactly improved DDPM's steps."""
+    for count in range(2, 1001):
+        assert space_timesteps(1000, str(count)) == _published_space_timesteps(1000, [count]), count
+    for spec in ["10,15,20", "7,9", "1,1,1", "33,1,250"]:
+        counts = [int(c) for c in spec.split(",")]
+        assert space_timesteps(1000, spec) == _published_space_timesteps(1000, counts), spec
+    # The broken variant (round(j * stride), visgen's rule before) misses 278 counts, e.g. 21, 251, 999.
+    def by_product(count: int) -> list[int]:
+        stride = 999 / (count - 1)
+        return sorted({round(j * stride) for j in range(count)})
+
+    broken = [c for c in range(2, 1001) if by_product(c) != _published_space_timesteps(1000, [c])]
+    assert len(broken) == 278 and {21, 23, 31, 43, 251, 501, 999} <= set(broken)
+    assert not {10, 20, 25, 50, 100, 250, 1000} & set(broken)
+
+
 def test_respaced_process_keeps_alphas_cumprod_and_feeds_the_net_original_steps() -> None:
     """"250" keeps 250 evenly spaced steps with the original ᾱ there, β recomputed, and the net sees original t."""
     d = GaussianDiffusion(respacing="250")
