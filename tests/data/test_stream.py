@@ -138,7 +138,8 @@ def test_resampled_is_deterministic_and_exact(tmp_path: Path) -> None:
     first = list(stream.iter_worker(1, 2))
     again = list(_resampled(spec).iter_worker(1, 2))
     assert len(first) == len(again) == 12
-    assert all(torch.equal(a["image"], b["image"]) and a["label"] == b["label"] for a, b in zip(first, again, strict=True))
+    assert all(torch.equal(a["image"], b["image"]) and a["label"] == b["label"]
+               for a, b in zip(first, again, strict=True))
     assert len({*_ids(first)}) > 6  # drawn across several shards, not just one
 
     other_epoch = _resampled(spec)

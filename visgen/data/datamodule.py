@@ -152,7 +152,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     @staticmethod
     def _loader(stream: ShardStream, batch_size: int, num_workers: int) -> DataLoader:
-        """DataLoader of {"image": uint8 (B, 3, H, W), "label": int64 (B,)} batches that never touches the global RNG."""
+        """DataLoader of {"image": uint8 (B, 3, H, W), "label": int64 (B,)} batches; never touches the global RNG."""
         return DataLoader(
             stream,
             batch_size=batch_size,

@@ -1,20 +1,49 @@
-"""Writing ImageNet-style WebDataset tar shards (`<key>.png`, `<key>.cls`, `<key>.json` per sample)."""
+"""WebDataset tar shards: writing them byte-for-byte reproducibly and reading them without silent loss.
+
+A shard holds ImageNet-style samples: members `<key>.<ext>` grouped by key (`jpg`/`png`/... image, `cls`
+label, `json` metadata; cached latents add `moments` or `codes`). Writers go through a temporary file and a
+rename, so a crash never leaves a half shard under its final name. `iter_tar_samples` reads a shard in order
+and raises `ShardTailError` (after every complete sample) when its end is missing or unreadable, including
+the cuts that Python's tarfile treats as a normal end (inside or right before a header).
+
+The command lines are `python -m visgen.data.writer` (ImageNet on disk -> shards) and
+`python -m visgen.data.verify` (decode every sample, report problems); see their `--help`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
+import tarfile
 from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
+__all__ = ["IMAGE_EXTENSIONS", "ShardTailError", "encode_png", "encode_sample", "iter_tar_samples", "write_shards",
+           "write_tar_atomic"]
+
+#: Image members a sample may carry (the first one present is used).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Fixed member mtime so that the same samples always give byte-identical shards (reproducible hashes).
 _SHARD_MTIME = 0  # an int: a float mtime would make tarfile add a PAX header to every member
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_KEY_AND_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # webdataset's split: key up to the first dot of the basename
+
+
+class ShardTailError(OSError):
+    """A shard whose end could not be read: cut, corrupt header or unreadable. Samples before it are valid."""
+
+    def __init__(self, url: str, num_read: int, reason: str):
+        super().__init__(f"shard {url}: unreadable after {num_read} samples: {reason}")
+        self.url = url
+        self.num_read = num_read
+        self.reason = reason
 
 
 def encode_png(image: Image.Image | np.ndarray | bytes) -> bytes:
@@ -32,25 +61,32 @@ def encode_png(image: Image.Image | np.ndarray | bytes) -> bytes:
     return buffer.getvalue()
 
 
+def check_key(key: str) -> str:
+    """A sample key webdataset groups correctly: no dot in its last path component."""
+    if not key or "." in Path(key).name:
+        raise ValueError(f"sample key {key!r} is empty or contains a '.'; webdataset would split the sample; "
+                         "use keys without dots, e.g. 'train-000123'")
+    return key
+
+
 def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Turn a sample dict (`__key__`, `png`, `cls`, `json`) into the byte members a tar shard stores."""
-    for name in ("__key__", "png", "cls"):
-        if name not in sample:
-            raise KeyError(f"sample {sample.get('__key__', '?')!r} has no {name!r}; every sample needs "
-                           "'__key__', 'png' and 'cls' (and optionally 'json')")
-    key = str(sample["__key__"])
-    if "." in Path(key).name:
-        # webdataset groups members by the text before the first dot: a dotted key would split the sample.
-        raise ValueError(f"sample key {key!r} contains a '.'; webdataset would split the sample; "
-                         "Use keys without dots, e.g. 'train-000123'")
+    """Turn a sample dict (`__key__`, one image member, `cls`, optional `json`) into the byte members of a shard.
+
+    `png` may be a PIL image, a uint8 (H, W, 3) array or PNG bytes; other image members (`jpg`, ...) are bytes.
+    """
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    for name, present in (("__key__", "__key__" in sample), ("an image member", image_ext), ("cls", "cls" in sample)):
+        if not present:
+            raise KeyError(f"sample {sample.get('__key__', '?')!r} has no {name}; every sample needs '__key__', "
+                           f"one of {'/'.join(IMAGE_EXTENSIONS)} and 'cls' (and optionally 'json')")
+    key = check_key(str(sample["__key__"]))
     label = sample["cls"]
     if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
         raise TypeError(f"sample {key!r}: cls must be an int, got {label!r}")
-    members: dict[str, Any] = {
-        "__key__": key,
-        "png": encode_png(sample["png"]),
-        "cls": str(int(label)).encode("ascii"),
-    }
+    image = encode_png(sample["png"]) if image_ext == "png" else sample[image_ext]
+    if not isinstance(image, (bytes, bytearray)):
+        raise TypeError(f"sample {key!r}: the {image_ext!r} member must be encoded bytes, got {type(image).__name__}")
+    members: dict[str, Any] = {"__key__": key, image_ext: bytes(image), "cls": str(int(label)).encode("ascii")}
     if "json" in sample:
         members["json"] = json.dumps(sample["json"], sort_keys=True).encode("utf-8")
     return members
@@ -99,7 +135,7 @@ def write_shards(
         path = _shard_path(pattern, len(paths))
         if not overwrite:
             _refuse_existing(path)
-        _write_one_shard(batch, path)
+        write_tar_atomic(batch, path)
         paths.append(path)
     return paths
 
@@ -110,12 +146,148 @@ def _refuse_existing(path: str) -> None:
         raise FileExistsError(f"shard {path} already exists; delete it or pass overwrite=True to replace it")
 
 
-def _write_one_shard(members: list[dict[str, Any]], path: str) -> None:
-    """Write encoded samples to `path` via a temporary file, so a crash never leaves a half shard."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "wb") as stream:
-        with wds.TarWriter(stream, encoder=False, mtime=_SHARD_MTIME) as writer:
-            for member in members:
-                writer.write(member)
-    os.replace(tmp_path, path)
+class _HashingWriter(io.RawIOBase):
+    """A write-only file wrapper that counts and SHA-256-hashes every byte on its way to disk."""
+
+    def __init__(self, stream: IO[bytes]):
+        super().__init__()
+        self.stream = stream
+        self.sha256 = hashlib.sha256()
+        self.num_bytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.num_bytes
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.stream.write(view)
+        self.sha256.update(view)
+        self.num_bytes += view.nbytes
+        return view.nbytes
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    """A member header with fixed owner, mode and mtime, so equal content gives equal bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = _SHARD_MTIME
+    info.mode = 0o444
+    info.uname = info.gname = "bigdata"  # what webdataset's TarWriter writes
+    return info
+
+
+def write_tar_atomic(samples: Iterable[dict[str, Any]], path: str | Path) -> tuple[int, int, str]:
+    """Write encoded samples ({"__key__", ext: bytes}) to `path` via `<path>.tmp` and a rename.
+
+    Returns (samples written, bytes, SHA-256 hex). Members are written in sorted extension order. On any error
+    the temporary file is removed and nothing appears under `path`; the error names the file (a full disk
+    raises OSError ENOSPC with the path in its message).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(path.name + ".tmp")
+    count = 0
+    try:
+        with open(tmp_path, "wb") as raw:
+            writer = _HashingWriter(raw)
+            with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for sample in samples:
+                    key = check_key(str(sample["__key__"]))
+                    for ext in sorted(k for k in sample if not k.startswith("__")):
+                        data = sample[ext]
+                        tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                    count += 1
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"writing shard {path} failed: {exc.strerror or exc}; nothing was written "
+                      "under that name (free disk space or fix the path, then run the same command again)") from exc
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return count, writer.num_bytes, writer.sha256.hexdigest()
+
+
+class _TailReader(io.RawIOBase):
+    """A read-only wrapper that keeps the last bytes read, to tell a tar's end-of-archive marker from a cut."""
+
+    WINDOW = 1 << 16  # > tarfile's read-ahead (one 10 KiB record) plus a header
+
+    def __init__(self, stream: IO[bytes]):
+        super().__init__()
+        self.stream = stream
+        self.window = b""
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if data:
+            self.window = (self.window + data)[-self.WINDOW :]
+            self.position += len(data)
+        return data
+
+    def clean_end(self, stop: int) -> bool:
+        """True when every byte from offset `stop` (where tarfile stopped) to the end of the stream is zero and
+        there is at least one zero block: the end-of-archive marker plus padding, not a cut or a bad header."""
+        before_drain = self.position
+        window = self.window
+        drained_zero = True
+        while chunk := self.stream.read(1 << 16):
+            drained_zero = drained_zero and not any(chunk)
+            self.position += len(chunk)
+        seen = before_drain - stop  # bytes from `stop` that were already read ahead
+        if seen < 0 or seen > len(window):
+            return False
+        return drained_zero and not any(window[len(window) - seen :]) and self.position - stop >= _BLOCK
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """('dir/key', 'ext') for a member 'dir/key.ext' (the key ends at the basename's first dot), else None."""
+    match = _KEY_AND_EXT.match(name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def iter_tar_samples(fileobj: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+    """Samples {"__key__", "__url__", ext: bytes} of a tar stream, in order.
+
+    Raises ShardTailError after the last complete sample when the tar is cut or corrupt; the sample being read
+    at that point is not yielded (it may be incomplete). Members without an extension are ignored.
+    """
+    reader = _TailReader(fileobj)
+    current: dict[str, Any] | None = None
+    num_read = 0
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                parts = split_member_name(info.name)
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                if parts is None:
+                    continue
+                key, ext = parts
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    num_read += 1
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = data
+            stop = tar.offset
+        clean = reader.clean_end(stop)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        raise ShardTailError(url, num_read, f"{type(exc).__name__}: {exc}") from exc
+    if not clean:
+        # tarfile ends silently at a cut inside or right before a header, and at a corrupt header.
+        raise ShardTailError(url, num_read, f"no end-of-archive marker after byte {stop} (cut or corrupt header)")
+    if current is not None:
+        yield current
+
