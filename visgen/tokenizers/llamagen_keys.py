@@ -74,7 +74,7 @@ def llamagen_vq_to_diffusers(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     state = dict(state)
     used = state.pop(CODEBOOK_USED, None)
     if used is not None:
-        distinct = int(used.long().unique().numel()) if used.numel() else 0
-        log.info("%s: dropped LlamaGen's training-time codebook-usage buffer (%d entries, %d distinct codes); "
+        distinct = "?" if used.is_meta or not used.numel() else int(used.long().unique().numel())
+        log.info("%s: dropped LlamaGen's training-time codebook-usage buffer (%d entries, %s distinct codes); "
                  "it is a statistic, not a weight", CODEBOOK_USED, used.numel(), distinct)
     return ldm_to_diffusers(llamagen_to_taming(state))
