@@ -16,9 +16,10 @@ __all__ = ["Attention", "Mlp"]
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head self-attention; optional per-head RMS QK-norm."""
+    """Bidirectional multi-head self-attention; optional per-head RMS QK-norm and attention-weight dropout."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 attn_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
@@ -28,10 +29,11 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop  # dropout on the attention weights in training (nn.MultiheadAttention's dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, L, D) -> (B, L, D)."""
         qkv = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
         q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]  # (B, H, L, Dh) each
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)  # (B, H, L, Dh)
         return self.proj(rearrange(x, "b h l d -> b l (h d)"))  # (B, L, D)
