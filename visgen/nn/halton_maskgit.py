@@ -127,10 +127,13 @@ class HaltonTransformer(nn.Module):
         hidden_size: int = 1024,
         depth: int = 24,
         num_heads: int = 16,
-        mlp_ratio: float = 4.0,
+        mlp_dim: int | None = None,
         dropout: float = 0.1,
         num_registers: int = 1,
+        embed_init_std: float | None = None,
     ):
+        """`mlp_dim` (None: 4 x hidden_size, as the official trainer passes) is the MLP width before SwiGLU's 2/3;
+        `embed_init_std` (None: the official 0.02) the std of the embedding tables' initialisation."""
         super().__init__()
         self.input_size = input_size
         self.seq_len = input_size * input_size
@@ -141,12 +144,12 @@ class HaltonTransformer(nn.Module):
         self.cls_emb = nn.Embedding(num_classes + 1, hidden_size)  # + the null class
         self.tok_emb = nn.Embedding(codebook_size + 1, hidden_size)  # + the mask token
         self.pos_emb = nn.Embedding(self.seq_len, hidden_size)
-        mlp_dim = int(hidden_size * mlp_ratio)
+        mlp_dim = mlp_dim or 4 * hidden_size
         self.blocks = nn.ModuleList([HaltonBlock(hidden_size, num_heads, mlp_dim, dropout) for _ in range(depth)])
         self.last_norm = FinalAdaNorm(hidden_size)
         self.head = nn.Linear(hidden_size, codebook_size + 1)
         self.reg_tokens = nn.Embedding(num_registers, hidden_size) if num_registers > 0 else None
-        self.initialize_weights()
+        self.initialize_weights(0.02 if embed_init_std is None else embed_init_std)
         self.head.weight = self.tok_emb.weight  # tied (after init, which ends with the embedding's N(0, 0.02))
         # Loading with assign=True (meta-device builds) replaces both Parameters: tie them again afterwards.
         self.register_load_state_dict_post_hook(HaltonTransformer._retie)
@@ -155,7 +158,7 @@ class HaltonTransformer(nn.Module):
     def _retie(module: HaltonTransformer, incompatible_keys: Any) -> None:
         module.head.weight = module.tok_emb.weight
 
-    def initialize_weights(self) -> None:
+    def initialize_weights(self, embed_init_std: float = 0.02) -> None:
         """Official init: Xavier linears with zero biases, N(0, 0.02) embeddings, zeroed block modulations."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -164,7 +167,7 @@ class HaltonTransformer(nn.Module):
                     nn.init.zeros_(module.bias)
         for emb in (self.cls_emb, self.tok_emb, self.pos_emb, self.reg_tokens):
             if emb is not None:
-                nn.init.normal_(emb.weight, std=0.02)
+                nn.init.normal_(emb.weight, std=embed_init_std)
         for block in self.blocks:
             nn.init.zeros_(block.mlp[1].weight)
             nn.init.zeros_(block.mlp[1].bias)

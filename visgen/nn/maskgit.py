@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from visgen.nn.attention import Attention, Mlp
 from visgen.official import OfficialFormat, StateDict, register_official
 
-__all__ = ["MaskTransformer", "MASKGIT_V1_SIZES", "v1_key_map", "check_grid"]
+__all__ = ["MaskTransformer", "MASKGIT_V1_SIZES", "v1_key_map", "check_grid", "taming_vqgan_keys"]
 
 #: The v1 sizes (`Trainer/vit.py` get_network): width, depth, heads, MLP width. Only base was released
 #: (256 and 512 px); big and huge are defined by the same code.
@@ -163,3 +163,16 @@ def v1_key_map(state: StateDict) -> StateDict:
 # the released MaskGIT_ImageNet_{256,512}.pth hold the trained weights under "model_state_dict".
 register_official(MaskTransformer, OfficialFormat(key_map=v1_key_map, ema_entries=("model_state_dict",),
                                                   raw_entries=("model_state_dict",)))
+
+
+# ----- the tokenizer's release ---------------------------------------------------------------------------------
+def taming_vqgan_keys(state: StateDict) -> StateDict:
+    """MaskGIT's VQGAN release (taming's `last.ckpt` state_dict) -> visgen's diffusers-layout VQ names.
+
+    Its `loss.*` tensors (taming's PatchGAN discriminator and LPIPS weights, kept in the training checkpoint)
+    are not part of the tokenizer: dropped by name and logged, where the v1 code loads with strict=False.
+    Every other key is renamed by `ldm_to_diffusers` or the conversion fails naming it.
+    """
+    from visgen.tokenizers.ldm_keys import ldm_to_diffusers
+
+    return ldm_to_diffusers(state, ignore=("loss.",))
