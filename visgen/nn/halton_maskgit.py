@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visgen.nn.adaln import modulate
+from visgen.nn.llama import RMSNorm, SwiGLU
 from visgen.nn.maskgit import check_grid
 from visgen.official import OfficialFormat, StateDict, register_official
 
@@ -35,7 +36,7 @@ HALTON_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-class RMSNormWithBias(nn.RMSNorm):
+class RMSNormWithBias(RMSNorm):
     """RMSNorm with a learned bias added after the scale (the final norm of Halton-MaskGIT)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -46,24 +47,15 @@ class RMSNormWithBias(nn.RMSNorm):
         return super().forward(x) + self.bias
 
 
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x), hidden width 2/3 of `hidden_dim` rounded up to a multiple of 256 (Llama)."""
-
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, multiple_of: int = 256):
-        super().__init__()
-        hidden = multiple_of * ((int(2 * hidden_dim / 3) + multiple_of - 1) // multiple_of)
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(self.dropout(F.silu(self.w1(x)) * self.w3(x)))
+def swiglu_hidden(mlp_dim: int, multiple_of: int = 256) -> int:
+    """Halton-MaskGIT's SwiGLU width: 2/3 of `mlp_dim`, rounded up to a multiple of 256 (2,816 for 4 x 1024)."""
+    return multiple_of * ((int(2 * mlp_dim / 3) + multiple_of - 1) // multiple_of)
 
 
 class QKNormAttention(nn.Module):
     """Attention with separate bias-free q/k/v/o maps and a weightless RMS norm of q and k over the full width
-    (before the head split), as Halton-MaskGIT; SDPA with dropout on the weights and after `wo` in training."""
+    (before the head split), as Halton-MaskGIT; SDPA with dropout on the weights and after `wo` in training.
+    (visgen.nn.llama.LlamaAttention fuses q/k/v and has no QK-norm: these files keep wq/wk/wv apart.)"""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -72,13 +64,14 @@ class QKNormAttention(nn.Module):
         inner = num_heads * (dim // num_heads)
         self.wq, self.wk, self.wv = (nn.Linear(dim, inner, bias=False) for _ in range(3))
         self.wo = nn.Linear(inner, dim, bias=False)
-        self.qk_norm = nn.RMSNorm(inner, eps=1e-5, elementwise_affine=False)
         self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, L, D) -> (B, L, D)."""
         b, length, _ = x.shape
-        q, k, v = self.qk_norm(self.wq(x)), self.qk_norm(self.wk(x)), self.wv(x)  # (B, L, H*Dh) each
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # (B, L, H*Dh) each
+        # QK-norm: weightless RMS norm over the full width, in fp32 as the official RMSNorm (eps 1e-5)
+        q, k = (F.rms_norm(t.float(), (t.shape[-1],), eps=1e-5).type_as(v) for t in (q, k))
         q, k, v = (t.view(b, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, L, Dh)
@@ -91,10 +84,12 @@ class HaltonBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float):
         super().__init__()
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # the adaptive-norm regressor (official name)
-        self.ln1 = nn.RMSNorm(dim, eps=1e-5)
+        self.ln1 = RMSNorm(dim, eps=1e-5)
         self.attn = QKNormAttention(dim, num_heads, dropout)
-        self.ln2 = nn.RMSNorm(dim, eps=1e-5)
-        self.ff = SwiGLU(dim, mlp_dim, dropout)
+        self.ln2 = RMSNorm(dim, eps=1e-5)
+        # Llama's SwiGLU (names w1/w2/w3 as the official files); its dropout acts after w2 where Halton-MaskGIT's
+        # acts before w2: a training-time difference only
+        self.ff = SwiGLU(dim, swiglu_hidden(mlp_dim), dropout)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         """x (B, L, D), cond (B, D) -> (B, L, D)."""
