@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(PY) -m visgen.data.builtin --out-dir data/digits
 	$(PY) train.py experiment=demo_sit ckpt_path=last
-	$(PY) evaluate.py ckpt=logs/demo_sit/checkpoints/last.ckpt num_samples=1000 precision=bf16 out_dir=logs/demo_sit/eval overwrite=true
+	$(PY) evaluate.py ckpt=logs/demo_sit/checkpoints/last.ckpt num_samples=1000 precision=bf16 out_dir=logs/demo_sit/eval/demo overwrite=true
 
 test: install
 	$(PY) -m pytest -q tests

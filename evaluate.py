@@ -5,8 +5,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from visgen.errors import report_user_errors
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@report_user_errors  # a UserError (typo, occupied dir, missing file) is one line, not a traceback
 def main(cfg: DictConfig) -> None:
     from visgen.eval.evaluate import evaluate  # imported inside: `--help` stays fast
 

@@ -3,8 +3,11 @@
 import hydra
 from omegaconf import DictConfig
 
+from visgen.errors import report_user_errors
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@report_user_errors  # a UserError (typo, occupied dir, missing file) is one line, not a traceback
 def main(cfg: DictConfig) -> None:
     from visgen.training.train import train  # imported inside: `--help` and `--cfg` stay fast
 

@@ -7,6 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -29,6 +30,12 @@ def test_experiment_composes_and_its_net_builds_on_meta(experiment):
         net = instantiate(cfg.model.net)
     assert isinstance(net, torch.nn.Module)
     assert sum(p.numel() for p in net.parameters()) > 0
+    # Evaluation rebuilds these from the checkpoint's (resolved) config only if they pass visgen.untrusted's
+    # check: visgen classes, samplers subclassing visgen.sampling.Sampler.
+    from visgen.untrusted import check_targets
+
+    for role, node in (("net", cfg.model.net), ("tokenizer", cfg.model.tokenizer), ("sampler", cfg.sampling)):
+        check_targets(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), role, experiment, role)
 
 
 def test_demo_sit_net_is_the_small_pixel_sit():

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visgen.untrusted import load_torch_file
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -58,6 +60,9 @@ __all__ = [
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: Wrapper prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) put before every key.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: What a weights file looks like, for error messages.
+WEIGHTS_FILES = ("a released state dict (.pt/.pth), an official training-script checkpoint, a visgen .ckpt or a "
+                 ".safetensors file")
 #: How many differing keys an error names.
 MAX_NAMED_KEYS = 5
 
@@ -218,12 +223,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return load_file(str(path), device=str(map_location))
     # The official training scripts pickle their argparse.Namespace as "args": a plain attribute
     # bag, safe to allow; anything else that is not tensors or containers stays refused.
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: torch.load(weights_only=True) could not read it ({type(err).__name__}: {err})"
-                         ) from err
+    obj = load_torch_file(path, "", WEIGHTS_FILES, safe_globals=(argparse.Namespace,), map_location=map_location)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     return obj

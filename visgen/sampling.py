@@ -5,7 +5,8 @@ Lives outside `visgen.training` so that evaluation never imports training code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -14,7 +15,21 @@ from torchvision.utils import make_grid, save_image
 
 from visgen.tokenizers.base import Tokenizer
 
-__all__ = ["generate", "to_uint8", "from_uint8", "save_grid", "balanced_labels"]
+__all__ = ["Sampler", "generate", "to_uint8", "from_uint8", "save_grid", "balanced_labels"]
+
+
+class Sampler(ABC):
+    """Base of every sampler the `sampling` config group builds (README convention 7).
+
+    `sampler(net, labels, latent_shape, generator=...)` returns latents (B, *latent_shape) for continuous
+    tokenizers or int64 codes (B, h, w) for VQ ones. Evaluation rebuilds samplers from a checkpoint's config
+    only when the target subclasses this (`visgen.untrusted`), so every sampler class derives from it.
+    """
+
+    @abstractmethod
+    def __call__(self, net: nn.Module, labels: Tensor, latent_shape: Sequence[int],
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Sample latents or codes for `labels` (B,) from noise drawn with `generator`."""
 
 
 def from_uint8(images: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from visgen.diffusion.gaussian import GaussianDiffusion
 from visgen.diffusion.guidance import draw_prior, guided_output
+from visgen.sampling import Sampler
 
 __all__ = ["DDPMSampler", "DDIMSampler"]
 
@@ -41,7 +42,7 @@ def _check_nonnegative(name: str, value: float) -> float:
     return value
 
 
-class GaussianSampler:
+class GaussianSampler(Sampler):
     """Shared loop of the DDPM and DDIM samplers: argument checks, x_T, guided net calls; subclasses define `step`."""
 
     def __init__(

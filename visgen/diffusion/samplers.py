@@ -47,6 +47,7 @@ from torch import Tensor
 
 from visgen.diffusion.guidance import draw_prior, guided_output, net_num_classes
 from visgen.diffusion.interpolants import Interpolant, LinearInterpolant, velocity_channels
+from visgen.sampling import Sampler
 
 __all__ = ["FlowSampler", "ODESampler", "guided_velocity", "net_num_classes"]
 
@@ -104,7 +105,7 @@ def guided_velocity(
     return interpolant.velocity_from_output(out, x, t)  # (B, C, ...)
 
 
-class FlowSampler:
+class FlowSampler(Sampler):
     """Shared settings and checks of the flow samplers: guidance, interpolant, label validation, x ~ N(0, I)."""
 
     def __init__(

@@ -5,6 +5,9 @@ Checkpoint layout (a Lightning `.ckpt`, documented in the README):
     checkpoint["state_dict"]["ema.<key>"]   EMA weights (what evaluation samples with)
     checkpoint["visgen"]                    {"config", "seed", "git_commit", "git_diff", "versions",
                                              "tokenizer_id", "ema_prefix", ...}
+
+A checkpoint may come from anyone: it is read weights-only, and the nets, tokenizers and samplers its
+config names are built only through `visgen.untrusted` (visgen classes of the right kind, nothing else).
 """
 
 from __future__ import annotations
@@ -14,24 +17,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from visgen.tokenizers.base import Tokenizer
+from visgen.untrusted import UntrustedFileError, instantiate_untrusted, load_torch_file
+
 log = logging.getLogger(__name__)
 
-__all__ = ["load_checkpoint", "checkpoint_config", "load_net", "net_state_dict"]
+__all__ = ["CHECKPOINT_LAYOUT", "load_checkpoint", "checkpoint_config", "load_net", "load_tokenizer",
+           "net_state_dict"]
+
+#: What a visgen checkpoint looks like, for error messages.
+CHECKPOINT_LAYOUT = ("a visgen training checkpoint: the .ckpt file train.py writes into <run dir>/checkpoints/ "
+                     "(e.g. last.ckpt), a torch zip holding 'state_dict' and 'visgen' entries")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a visgen `.ckpt` on the CPU with weights_only=True (no pickled code runs)."""
+def load_checkpoint(path: str | Path, what: str = "ckpt=", mmap: bool = False) -> dict[str, Any]:
+    """Load a visgen `.ckpt` on the CPU, weights-only (no pickled code runs); anything else is an
+    `UntrustedFileError` naming the file (`what` is the option that named it, e.g. "guide_ckpt=")."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass ckpt=<run dir>/checkpoints/last.ckpt")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "visgen" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a visgen training checkpoint (no 'visgen' metadata); official weights "
-                         "load with visgen.load_official")
+    checkpoint = load_torch_file(path, what, CHECKPOINT_LAYOUT, mmap=mmap)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("visgen"), dict) or not isinstance(
+            checkpoint.get("state_dict"), dict) or not isinstance(checkpoint["visgen"].get("config"), dict):
+        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise UntrustedFileError(f"{what}{path} is not {CHECKPOINT_LAYOUT}; it holds {found}. Official weights "
+                                 "load with visgen.load_official or start a run with model.init_from=<file>")
+    checkpoint["visgen"]["source"] = f"{what}{path}"  # names the file in later errors (not saved anywhere)
     return checkpoint
 
 
@@ -50,10 +62,21 @@ def net_state_dict(checkpoint: dict[str, Any], use_ema: bool = True) -> dict[str
     return state
 
 
+def _source(checkpoint: dict[str, Any]) -> str:
+    return checkpoint["visgen"].get("source", "checkpoint")
+
+
 def load_net(checkpoint: dict[str, Any], use_ema: bool = True) -> nn.Module:
-    """Build `config.model.net` and load its weights strictly (every key used, shapes checked)."""
-    net = instantiate(checkpoint_config(checkpoint).model.net)
+    """Build `config.model.net` (visgen nn.Modules only) and load its weights strictly (every key used,
+    shapes checked)."""
+    net = instantiate_untrusted(checkpoint_config(checkpoint).model.net, "net", _source(checkpoint), "model.net")
     net.load_state_dict(net_state_dict(checkpoint, use_ema), strict=True)
     log.info("loaded %s weights (%s parameters)", "EMA" if use_ema else "raw",
              f"{sum(p.numel() for p in net.parameters()):,}")
     return net.eval()
+
+
+def load_tokenizer(checkpoint: dict[str, Any]) -> Tokenizer:
+    """Build `config.model.tokenizer` (visgen Tokenizers only); frozen weights load from its own source."""
+    return instantiate_untrusted(checkpoint_config(checkpoint).model.tokenizer, "tokenizer", _source(checkpoint),
+                                 "model.tokenizer")

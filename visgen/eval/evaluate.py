@@ -15,22 +15,25 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from visgen.diffusion.guidance import Autoguided
-from visgen.eval.checkpoint import checkpoint_config, load_checkpoint, load_net
+from visgen.errors import ConfigValueError, OutputExistsError
+from visgen.eval.checkpoint import checkpoint_config, load_checkpoint, load_net, load_tokenizer
 from visgen.sampling import balanced_labels, generate, save_grid
+from visgen.untrusted import check_targets, instantiate_untrusted
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "sampling_config", "sample_images"]
+__all__ = ["evaluate", "sampling_config", "sample_images", "default_out_dir"]
 
 
 # Sampler keys that describe the trained model, not the sampler: never replaced by a chosen sampling group.
 MODEL_BOUND_SAMPLING_KEYS = ("interpolant", "diffusion")
+# evaluate.py options that do not change the samples, left out of the default output folder's name.
+NAME_EXCLUDED_KEYS = ("ckpt", "num_samples", "out_dir", "overwrite", "device")
 
 
 def sampling_config(train_sampling: DictConfig, eval_cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -48,6 +51,23 @@ def sampling_config(train_sampling: DictConfig, eval_cfg: DictConfig, overrides:
     return merged.sampling
 
 
+def default_out_dir(ckpt: str | Path, num_samples: int, overrides: list[str]) -> Path:
+    """`<run dir>/eval/<ckpt name>_<N>[_<overrides>]`: every override that changes the samples (sampler keys or
+    group, seed, precision, guidance, ...) is named in it as Hydra names multirun jobs (`key=value,...`), so
+    evaluations with other settings never collide."""
+    named = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in NAME_EXCLUDED_KEYS or key.startswith(("paths.", "hydra.")):
+            continue
+        if key == "guide_ckpt" and value:  # <guide run>/checkpoints/<name>.ckpt -> <guide run>.<name>
+            value = f"{Path(value).resolve().parent.parent.name}.{Path(value).stem}"
+        named.append(f"{key}={value.replace('/', '_')}")
+    ckpt = Path(ckpt)
+    name = f"{ckpt.stem}_{num_samples}" + ("_" + ",".join(sorted(named)) if named else "")
+    return ckpt.resolve().parent.parent / "eval" / name
+
+
 @torch.no_grad()
 def sample_images(net: torch.nn.Module, tokenizer: Any, sampler: Any, labels: torch.Tensor, image_size: int,
                   batch_size: int, seed: int) -> torch.Tensor:
@@ -62,15 +82,16 @@ def sample_images(net: torch.nn.Module, tokenizer: Any, sampler: Any, labels: to
 def _autoguided(net: torch.nn.Module, checkpoint: dict[str, Any], cfg: DictConfig, sampling: DictConfig,
                 device: torch.device) -> tuple[Autoguided, int]:
     """Wrap `net` with the guide model of `cfg.guide_ckpt` (autoguidance); refuse a guide of another task."""
-    guide_checkpoint = load_checkpoint(cfg.guide_ckpt)
+    guide_checkpoint = load_checkpoint(cfg.guide_ckpt, "guide_ckpt=")
     train_data, guide_data = checkpoint_config(checkpoint).data, checkpoint_config(guide_checkpoint).data
     for key in ("image_size", "num_classes"):
         if train_data[key] != guide_data[key]:
-            raise ValueError(f"guide_ckpt={cfg.guide_ckpt} was trained with data.{key}={guide_data[key]} but ckpt "
-                             f"with {train_data[key]}; autoguidance needs a weaker model of the same task")
+            raise ConfigValueError(f"guide_ckpt={cfg.guide_ckpt} was trained with data.{key}={guide_data[key]} but "
+                                   f"ckpt with {train_data[key]}; autoguidance needs a weaker model of the same task")
     tokenizers = (checkpoint["visgen"].get("tokenizer_id"), guide_checkpoint["visgen"].get("tokenizer_id"))
     if tokenizers[0] != tokenizers[1]:
-        raise ValueError(f"guide_ckpt uses tokenizer {tokenizers[1]!r} but ckpt {tokenizers[0]!r}; they must match")
+        raise ConfigValueError(f"guide_ckpt uses tokenizer {tokenizers[1]!r} but ckpt {tokenizers[0]!r}; "
+                               "they must match")
     guide = load_net(guide_checkpoint, use_ema=cfg.use_ema).to(device)
     wrapped = Autoguided(net, guide, cfg.guide_scale, sampling.get("guided_channels"))
     return wrapped, int(guide_checkpoint.get("global_step", -1))
@@ -113,23 +134,30 @@ def _flat(prefix: str, node: Any) -> dict[str, Any]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample `cfg.num_samples` class-balanced images from `cfg.ckpt`, write them and their metrics."""
     if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={cfg.precision!r} is not one of fp32, bf16")
-    checkpoint = load_checkpoint(cfg.ckpt)
-    train_cfg = checkpoint_config(checkpoint)
+        raise ConfigValueError(f"precision={cfg.precision!r} is not one of fp32, bf16")
+    for key in ("num_samples", "batch_size"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigValueError(f"{key}={cfg[key]!r}: evaluate needs a positive whole number")
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    sampling = sampling_config(train_cfg.sampling, cfg, overrides)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt).resolve().parent.parent / "eval" / (
-        f"{Path(cfg.ckpt).stem}_{cfg.num_samples}")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.ckpt, cfg.num_samples, overrides)
     if (out_dir / "metrics.json").exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out_dir}/metrics.json exists; pass overwrite=true or a new out_dir=<dir>")
+        raise OutputExistsError(f"{out_dir} already holds an evaluation (metrics.json); pass overwrite=true, "
+                                "another out_dir=<dir>, or other settings")
+    checkpoint = load_checkpoint(cfg.ckpt, "ckpt=")
+    source = checkpoint["visgen"]["source"]
+    train_cfg = checkpoint_config(checkpoint)
+    # The checkpoint's own sampler is checked before anything of it is merged into the one we build.
+    check_targets(train_cfg.sampling, "sampler", source, "sampling")
+    sampling = sampling_config(train_cfg.sampling, cfg, overrides)
+    sampling = OmegaConf.create(OmegaConf.to_container(sampling, resolve=True))  # a chosen group's ${...} resolved
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     net = load_net(checkpoint, use_ema=cfg.use_ema).to(device)
     guide_step = None
     if cfg.guide_ckpt:
         net, guide_step = _autoguided(net, checkpoint, cfg, sampling, device)
-    tokenizer = instantiate(train_cfg.model.tokenizer).to(device).eval()
-    sampler = instantiate(sampling)
+    tokenizer = load_tokenizer(checkpoint).to(device).eval()
+    sampler = instantiate_untrusted(sampling, "sampler", source, "sampling")
     num_classes = int(train_cfg.data.num_classes)
     labels = balanced_labels(cfg.num_samples, num_classes, device)
 

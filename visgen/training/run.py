@@ -19,15 +19,26 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["RunDirOccupiedError", "resolve_resume", "collect_provenance", "write_run_files", "PACKAGES"]
+from visgen.errors import ConfigValueError, MissingInputError, UserError
+
+__all__ = ["RunDirOccupiedError", "ResumeMismatchError", "resolve_resume", "check_resume_compatible",
+           "collect_provenance", "write_run_files", "PACKAGES"]
 
 #: Packages whose versions go into every run dir and checkpoint.
 PACKAGES = ("torch", "lightning", "hydra-core", "webdataset", "timm", "diffusers", "torchmetrics", "numpy", "visgen")
 RUN_MARKER = "run.json"
 
 
-class RunDirOccupiedError(RuntimeError):
+#: What must agree between a checkpoint and the run resuming it (README: "A checkpoint of another run").
+RESUME_MUST_MATCH = ("model._target_", "model.net", "model.tokenizer", "data.image_size", "data.num_classes")
+
+
+class RunDirOccupiedError(UserError, RuntimeError):
     """A fresh run was pointed at a directory that already holds one."""
+
+
+class ResumeMismatchError(ConfigValueError):
+    """`ckpt_path` names a checkpoint of another experiment, paradigm or net."""
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -56,7 +67,7 @@ def resolve_resume(run_dir: Path, ckpt_path: str | None, refuse_occupied: bool =
     if ckpt_path:
         path = Path(ckpt_path)
         if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist; pass a .ckpt file or ckpt_path=last")
+            raise MissingInputError(f"ckpt_path={ckpt_path!r} does not exist; pass a .ckpt file or ckpt_path=last")
         return path
     if refuse_occupied and ((run_dir / RUN_MARKER).exists() or _checkpoints(run_dir)):
         raise RunDirOccupiedError(
@@ -66,6 +77,47 @@ def resolve_resume(run_dir: Path, ckpt_path: str | None, refuse_occupied: bool =
     return None
 
 
+def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+    """Nested dicts -> {"prefix.key.sub": leaf}."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}"))
+    return flat
+
+
+def _select(config: Any, dotted: str) -> Any:
+    """`config["a"]["b"]` for "a.b" in plain nested dicts, "<absent>" where a key is missing."""
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return "<absent>"
+        config = config[part]
+    return config
+
+
+def check_resume_compatible(checkpoint: dict[str, Any], source: str, config: dict[str, Any],
+                            experiment: str | None) -> None:
+    """Refuse to resume a checkpoint whose experiment, paradigm, net, tokenizer or data shape differ from this
+    run's (`config` resolved); the error names both sides of up to 5 differences."""
+    stored_config, stored_experiment = checkpoint["visgen"]["config"], checkpoint["visgen"].get("experiment")
+    differences = []
+    if stored_experiment and experiment and stored_experiment != experiment:
+        differences.append(f"experiment: checkpoint {stored_experiment}, this run {experiment}")
+    for key in RESUME_MUST_MATCH:
+        theirs, mine = _flatten(_select(stored_config, key), key), _flatten(_select(config, key), key)
+        for k in sorted(set(mine) | set(theirs)):
+            ours, stored = mine.get(k, "<absent>"), theirs.get(k, "<absent>")
+            if ours != stored:
+                differences.append(f"{k}: checkpoint {stored!r}, this run {ours!r}")
+    if differences:
+        more = f" (and {len(differences) - 5} more)" if len(differences) > 5 else ""
+        raise ResumeMismatchError(
+            f"{source} is a checkpoint of another run: {'; '.join(differences[:5])}{more}. Resume it with the "
+            "config it was trained with, start from its weights with model.init_from=<file> (fresh optimizer), "
+            "or set resume_from_other_run=true if restoring its weights and optimizer here is intended")
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, check=True).stdout
@@ -73,8 +125,15 @@ def _git(*args: str) -> str:
         return ""
 
 
+def experiment_name() -> str | None:
+    """The `experiment=` choice of the running Hydra app (None outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+
+
 def collect_provenance(cfg: DictConfig) -> dict[str, Any]:
-    """Config, seed, git commit and diff, package versions, command line: what reproduces a run."""
+    """Config, experiment, seed, git commit and diff, package versions, command line: what reproduces a run."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -83,6 +142,7 @@ def collect_provenance(cfg: DictConfig) -> dict[str, Any]:
             versions[name] = None
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "experiment": experiment_name(),
         "seed": int(cfg.seed),
         "git_commit": _git("rev-parse", "HEAD").strip() or None,
         "git_diff": _git("diff", "HEAD"),

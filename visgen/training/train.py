@@ -8,12 +8,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from visgen.training.run import collect_provenance, resolve_resume, write_run_files
+from visgen.eval.checkpoint import load_checkpoint
+from visgen.training.run import (
+    check_resume_compatible,
+    collect_provenance,
+    experiment_name,
+    resolve_resume,
+    write_run_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.paths.run_dir)
     # Only rank 0 judges whether the run dir is occupied: other ranks may start after it wrote run.json.
     resume_from = resolve_resume(run_dir, cfg.ckpt_path, refuse_occupied=rank_zero_only.rank == 0)
+    provenance = collect_provenance(cfg)
+    if resume_from is not None:
+        # Read weights-only (memory-mapped: no copy of a large file) and refuse a checkpoint of another run
+        # before Lightning restores weights and optimizer from it.
+        checkpoint = load_checkpoint(resume_from, "ckpt_path=", mmap=True)
+        if not cfg.resume_from_other_run:
+            check_resume_compatible(checkpoint, f"ckpt_path={resume_from}", provenance["config"],
+                                    provenance["experiment"])
+        del checkpoint
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -40,9 +55,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # takes everything from its checkpoint instead.
         from visgen.official import init_net_from
 
-        experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
-        log.info(init_net_from(model.net, model.ema, model.init_from, experiment))
-    provenance = collect_provenance(cfg)
+        log.info(init_net_from(model.net, model.ema, model.init_from, experiment_name()))
     model.run_info = {k: v for k, v in provenance.items() if k != "argv"}
 
     loggers = _instantiate_all(cfg.get("logger"))
@@ -54,5 +67,5 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("run dir: %s (%s)", run_dir, f"resuming from {resume_from}" if resume_from else "fresh start")
         log.info("net parameters: %s; grad accumulation: %d", f"{sum(p.numel() for p in model.net.parameters()):,}",
                  trainer.accumulate_grad_batches)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

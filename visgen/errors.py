@@ -1,0 +1,46 @@
+"""Errors a user is expected to make (a typo, an occupied directory, a missing file), and how mains report them.
+
+`train.py` and `evaluate.py` print a `UserError` as one line naming the value, the place and the fix, and exit
+with status 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["UserError", "ConfigValueError", "MissingInputError", "OutputExistsError", "report_user_errors"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UserError(Exception):
+    """A mistake in the command or its inputs: reported as one line, no traceback."""
+
+
+class ConfigValueError(UserError, ValueError):
+    """A config value that cannot work (out of range, of the wrong kind, contradicting another)."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or shard the command names does not exist."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """The output would replace earlier results."""
+
+
+def report_user_errors(main: F) -> F:
+    """Wrap a Hydra task function: a `UserError` prints `error: <message>` on stderr and exits with status 1."""
+
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    return wrapped  # type: ignore[return-value]
