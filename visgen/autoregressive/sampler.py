@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from visgen.autoregressive.logits import guide_logits, sample_from_logits
+from visgen.sampling import Sampler
 
 __all__ = ["ARSampler"]
 
@@ -27,7 +28,7 @@ def _cache_dtype(net: nn.Module, device: torch.device) -> torch.dtype:
     return next(net.parameters()).dtype
 
 
-class ARSampler:
+class ARSampler(Sampler):
     """Raster-order code sampler for `visgen.nn.gpt.GPT`: `sampler(net, labels, (h, w), generator)` -> (B, h, w).
 
     cfg_scale: guidance scale s (1 disables guidance and halves the batch; LlamaGen's FID settings use

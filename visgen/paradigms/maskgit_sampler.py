@@ -33,6 +33,8 @@ from functools import cache
 import torch
 from torch import Tensor, nn
 
+from visgen.sampling import Sampler
+
 __all__ = ["SCHEDULES", "mask_rate", "random_mask", "reveal_counts", "halton_order", "confidence_reveal",
            "MaskGITSampler"]
 
@@ -146,7 +148,7 @@ def confidence_reveal(masked: Tensor, log_conf: Tensor, gumbel: Tensor, gumbel_s
     return torch.zeros_like(masked).scatter_(1, chosen, True)  # (B, N)
 
 
-class MaskGITSampler:
+class MaskGITSampler(Sampler):
     """Parallel decoding of VQ codes (module docstring); returns int64 codes (B, h, w)."""
 
     def __init__(
