@@ -172,3 +172,31 @@ def test_verify_names_truncated_members_and_cut_tars(folder: Path, tmp_path: Pat
     assert "train-000002.tar: tar is cut or corrupt after" in text
     assert "train-000002.tar: count" in text and "differs from manifest.json" in text
     assert verify_cli.main([str(out / "train-{000000..000003}.tar"), "--workers", "0"]) == 1
+
+
+def test_imagenet_1k_wds_shards_read_as_they_are(files: dict[str, bytes], tmp_path: Path) -> None:
+    """timm's imagenet-1k-wds layout: webdataset-written jpg/cls/json members and an _info.json of shard lengths."""
+    import webdataset as wds
+
+    from visgen.data.stream import ShardStream
+
+    names = [f"imagenet1k-train-{i:04d}.tar" for i in range(3)]
+    items = sorted(files.items())
+    for shard, name in enumerate(names):
+        with wds.TarWriter(str(tmp_path / name)) as sink:
+            for path, data in items[shard * 5 : (shard + 1) * 5]:
+                stem = Path(path).stem
+                sink.write({"__key__": stem, "jpg": data, "cls": SYNSETS.index(path.split("/")[0]),
+                            "json": {"filename": Path(path).name, "label": SYNSETS.index(path.split("/")[0])}})
+    info = {"name": "imagenet-1k", "splits": {"train": {"name": "train", "num_samples": 15, "filenames": names,
+                                                         "shard_lengths": [5, 5, 5]}}}
+    (tmp_path / "_info.json").write_text(json.dumps(info))
+    spec = str(tmp_path / "imagenet1k-train-{0000..0002}.tar")
+    read = list(ShardStream(spec, 24, resampled=False, num_classes=3, resize=True))
+    assert len(read) == 15 and read[0]["image"].shape == (3, 24, 24)
+    assert sorted(int(item["label"]) for item in read) == [0] * 5 + [1] * 5 + [2] * 5
+    raw = (tmp_path / names[1]).read_bytes()
+    (tmp_path / names[1]).write_bytes(raw[: len(raw) // 3])
+    stream = ShardStream(spec, 24, resampled=False, num_classes=3, resize=True)
+    kept = len(list(stream))
+    assert stream.loss.totals() == (0, 15 - kept, 1)  # exact, from _info.json's shard_lengths

@@ -25,8 +25,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "ShardTailError", "encode_png", "encode_sample", "iter_tar_samples", "write_shards",
-           "write_tar_atomic"]
+__all__ = ["IMAGE_EXTENSIONS", "AtomicTarWriter", "ShardTailError", "encode_png", "encode_sample", "iter_tar_samples",
+           "write_shards", "write_tar_atomic"]
 
 #: Image members a sample may carry (the first one present is used).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -179,38 +179,74 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_tar_atomic(samples: Iterable[dict[str, Any]], path: str | Path) -> tuple[int, int, str]:
-    """Write encoded samples ({"__key__", ext: bytes}) to `path` via `<path>.tmp` and a rename.
+class AtomicTarWriter:
+    """Writes samples ({"__key__", ext: bytes}) one by one to `<path>.tmp`; `close` renames it to `path`.
 
-    Returns (samples written, bytes, SHA-256 hex). Members are written in sorted extension order. On any error
-    the temporary file is removed and nothing appears under `path`; the error names the file (a full disk
-    raises OSError ENOSPC with the path in its message).
+    Members are written in sorted extension order with fixed headers, so equal samples give equal bytes.
+    `abort` (or an error while writing) removes the temporary file: nothing ever appears half written under
+    `path`. A full disk raises OSError ENOSPC naming the shard.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(path.name + ".tmp")
-    count = 0
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.count = 0
+        try:
+            self._raw = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in close()/abort()
+            self._writer = _HashingWriter(self._raw)
+            self._tar = tarfile.open(fileobj=self._writer, mode="w", format=tarfile.USTAR_FORMAT)
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, exc: OSError) -> OSError:
+        self.abort()
+        return OSError(exc.errno, f"writing shard {self.path} failed: {exc.strerror or exc}; nothing was written "
+                       "under that name (free disk space or fix the path, then run the same command again)")
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = check_key(str(sample["__key__"]))
+        try:
+            for ext in sorted(k for k in sample if not k.startswith("__")):
+                data = sample[ext]
+                self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        except OSError as exc:
+            raise self._error(exc) from exc
+        self.count += 1
+
+    def close(self) -> tuple[int, int, str]:
+        """Finish the tar, fsync and rename; returns (samples, bytes, SHA-256 hex)."""
+        try:
+            self._tar.close()
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            os.replace(self.tmp_path, self.path)
+        except OSError as exc:
+            raise self._error(exc) from exc
+        return self.count, self._writer.num_bytes, self._writer.sha256.hexdigest()
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        raw = getattr(self, "_raw", None)
+        if raw is not None and not raw.closed:
+            raw.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def write_tar_atomic(samples: Iterable[dict[str, Any]], path: str | Path) -> tuple[int, int, str]:
+    """Write encoded samples ({"__key__", ext: bytes}) to `path` via a temporary file (see AtomicTarWriter).
+
+    Returns (samples written, bytes, SHA-256 hex); on any error nothing appears under `path`.
+    """
+    writer = AtomicTarWriter(path)
     try:
-        with open(tmp_path, "wb") as raw:
-            writer = _HashingWriter(raw)
-            with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for sample in samples:
-                    key = check_key(str(sample["__key__"]))
-                    for ext in sorted(k for k in sample if not k.startswith("__")):
-                        data = sample[ext]
-                        tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-                    count += 1
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp_path, path)
-    except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
-        raise OSError(exc.errno, f"writing shard {path} failed: {exc.strerror or exc}; nothing was written "
-                      "under that name (free disk space or fix the path, then run the same command again)") from exc
+        for sample in samples:
+            writer.write(sample)
+        return writer.close()
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        writer.abort()
         raise
-    return count, writer.num_bytes, writer.sha256.hexdigest()
 
 
 class _TailReader(io.RawIOBase):

@@ -1,6 +1,9 @@
 """Deterministic streaming of {"image": uint8, "label": int64} samples from WebDataset tar shards (no Lightning).
 
 The DataLoader's default collate turns them into the dict batches `GenerativeModule.make_batch` reads.
+Nothing is lost silently: corrupt samples and unreadable shard tails are counted per shard and worker
+(`visgen.data.loss`), labels outside [0, num_classes) and images of another size than `image_size` (unless
+`resize`) stop the run with `ShardDataError` naming the shard.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from visgen.data.loss import CORRUPT, TAIL_SAMPLES, TAILS, LossCounter, shard_counts
+from visgen.data.shards import IMAGE_EXTENSIONS, ShardTailError, iter_tar_samples
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_SKIP_WARNINGS = 5  # per-sample warnings per worker pass; the rest only show in the end-of-stream summary
 MAX_CONSECUTIVE_FAILURES = 1000  # resampled streams give up when this many reads in a row yield nothing
 DEFAULT_SHARD_HINT = (
@@ -108,18 +112,27 @@ def buffer_shuffle(samples: Iterable[Any], buffer_size: int, rng: random.Random)
 
 
 class CorruptSampleError(ValueError):
-    """A sample whose members are missing or cannot be decoded."""
+    """A sample whose members are missing or cannot be decoded (skipped and counted)."""
 
 
-def _parse_label(raw: bytes, num_classes: int | None) -> int:
-    """Parse a `cls` member (ASCII integer) and check it lies in [0, num_classes)."""
-    text = raw.decode("ascii", errors="replace").strip()
+class ShardDataError(ValueError):
+    """Shards that cannot train this run as configured: a label outside [0, num_classes), or an image of another
+    size than data.image_size without data.resize. Stops the run (skipping would train on the wrong data)."""
+
+
+def parse_label(raw: dict[str, Any], num_classes: int | None) -> int:
+    """The `cls` member as an int in [0, num_classes); CorruptSampleError if unreadable, ShardDataError if outside."""
+    if "cls" not in raw:
+        raise CorruptSampleError(f"no cls member; has {sorted(k for k in raw if not k.startswith('__'))}")
+    text = raw["cls"].decode("ascii", errors="replace").strip()
     try:
         label = int(text)
     except ValueError as exc:
         raise CorruptSampleError(f"cls member {text[:20]!r} is not an integer") from exc
     if label < 0 or (num_classes is not None and label >= num_classes):
-        raise CorruptSampleError(f"cls {label} is outside [0, {num_classes})")
+        raise ShardDataError(f"shard {raw.get('__url__')} key {raw.get('__key__')!r}: label {label} is outside "
+                             f"[0, data.num_classes={num_classes}); set data.num_classes to the shards' class "
+                             "count, or point data.train_shards/val_shards at shards of this task")
     return label
 
 
@@ -139,8 +152,13 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         batch_size: int = 1,
         num_classes: int | None = None,
+        resize: bool = False,
     ) -> None:
-        """Check the arguments and expand the shard spec (a missing shard fails here, not in a worker)."""
+        """Check the arguments and expand the shard spec (a missing shard fails here, not in a worker).
+
+        `resize=False` requires every image to be image_size x image_size (an error otherwise); True applies
+        ADM's center crop (what ImageNet training does to images of any size).
+        """
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"ShardStream: rank={rank} must be in [0, world_size={world_size})")
@@ -167,10 +185,23 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.batch_size = batch_size
         self.num_classes = num_classes
+        self.resize = resize
         self.epoch = 0
         self.skip_batches = 0
-        self.num_skipped = 0  # corrupt samples skipped by this object (in-process only; workers hold copies)
-        self.num_shard_errors = 0  # shards (or tails of shards) that could not be read
+        self.url_index = {url: index for index, url in enumerate(self.urls)}
+        self.expected_counts = shard_counts(self.urls)  # samples per shard, where the folder says
+        #: What could not be read, per worker and shard; `loss.share(num_workers)` before handing it to workers.
+        self.loss = LossCounter(self.urls)
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt samples skipped so far (by every worker, once `loss` is shared)."""
+        return self.loss.totals()[CORRUPT]
+
+    @property
+    def num_shard_errors(self) -> int:
+        """Shard reads that ended in an unreadable tail so far."""
+        return self.loss.totals()[TAILS]
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch (reseeds every worker) and how many of this rank's batches were already used."""
@@ -226,14 +257,14 @@ class ShardStream(IterableDataset):
         rng = random.Random(worker_seed(self.seed, self.epoch, self.rank, logical_id))
         quota = self.worker_num_samples(logical_id, num_workers)
         num_to_skip = worker_share(self.skip_batches, logical_id, num_workers) * self.batch_size
-        counts = {"skipped": 0, "shard_errors_before": self.num_shard_errors}
-        raw_samples = buffer_shuffle(self._resampled_raw(rng), self.shuffle_buffer, rng)
+        state = _PassState(worker_id)
+        raw_samples = buffer_shuffle(self._resampled_raw(rng, state), self.shuffle_buffer, rng)
         produced = 0
         failures_in_row = 0
         try:
             while produced < quota:
                 raw = next(raw_samples)
-                item = self._decode(raw, rng, counts)
+                item = self._item(raw, rng, state)
                 if item is None:
                     failures_in_row += 1
                     if failures_in_row >= MAX_CONSECUTIVE_FAILURES:
@@ -247,15 +278,15 @@ class ShardStream(IterableDataset):
                 produced += 1
         finally:
             raw_samples.close()
-            self._report(counts, worker_id)
+            self._report(state)
 
-    def _resampled_raw(self, rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _resampled_raw(self, rng: random.Random, state: _PassState) -> Iterator[dict[str, Any]]:
         """Endless raw samples from shards drawn uniformly with replacement."""
         empty_in_row = 0
         while True:
             url = self.urls[rng.randrange(len(self.urls))]
             got_any = False
-            for raw in self._read_shard(url):
+            for raw in self._read_shard(url, state):
                 got_any = True
                 yield raw
             empty_in_row = 0 if got_any else empty_in_row + 1
@@ -267,81 +298,120 @@ class ShardStream(IterableDataset):
         """Read this worker's shards once, in order (flips, if enabled, are still seeded per worker)."""
         urls = self.worker_shards(worker_id, num_workers)
         rng = random.Random(worker_seed(self.seed, self.epoch, self.rank, worker_id))
-        counts = {"skipped": 0, "shard_errors_before": self.num_shard_errors}
+        state = _PassState(worker_id)
         try:
             for url in urls:
-                for raw in self._read_shard(url):
-                    item = self._decode(raw, rng, counts)
+                for raw in self._read_shard(url, state):
+                    item = self._item(raw, rng, state)
                     if item is not None:
                         yield item
         finally:
-            self._report(counts, worker_id)
+            self._report(state)
 
-    def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
-        """Raw samples (member name -> bytes) of one shard; read errors are logged and counted, not raised."""
+    def _read_shard(self, url: str, state: _PassState) -> Iterator[dict[str, Any]]:
+        """Raw samples (member name -> bytes) of one shard; an unreadable tail is counted and logged, not raised."""
         try:
             stream = wds.gopen(url, "rb")
-        except Exception as exc:  # noqa: BLE001 - any open failure (missing file, failing pipe) skips the shard
-            self._shard_error(exc)
+        except Exception as exc:  # noqa: BLE001 - any open failure (missing file, failing pipe) loses the shard
+            self._lost_tail(url, 0, f"cannot open it: {exc!r}", state)
             return
+        num_read = 0
         try:
-            files = tar_file_expander([{"url": url, "stream": stream}], handler=self._shard_error)
-            yield from group_by_keys(files, handler=self._shard_error)
+            for raw in iter_tar_samples(stream, url):
+                num_read += 1
+                yield raw
+            state.largest_shard = max(state.largest_shard, num_read)
+        except ShardTailError as exc:
+            self._lost_tail(url, exc.num_read, exc.reason, state)
         finally:
             try:
                 stream.close()
             except Exception as exc:  # noqa: BLE001 - a pipe closed early may report SIGPIPE; nothing to do
                 log.debug("closing shard %s: %r", url, exc)
 
-    def _shard_error(self, exc: BaseException) -> bool:
-        """webdataset error handler: warn about an unreadable shard (or shard tail) and carry on."""
-        self.num_shard_errors += 1
-        log.warning("ShardStream(%r): could not read a shard: %r", self.spec, exc)
-        return True
+    def _lost_tail(self, url: str, num_read: int, reason: str, state: _PassState) -> None:
+        """Count the samples after a cut (exact with per-shard counts beside the shards, else estimated)."""
+        expected = self.expected_counts.get(url)
+        if expected is not None:
+            lost, how = max(expected - num_read, 0), f"of its {expected}"
+        else:
+            lost, how = max(state.largest_shard - num_read, 0), "estimated: no manifest.json/cache.json/_info.json " \
+                "with per-shard counts beside the shards"
+        shard = self.url_index[url]
+        self.loss.add(state.slot, shard, TAIL_SAMPLES, lost)
+        self.loss.add(state.slot, shard, TAILS)
+        state.tails += 1
+        state.tail_samples += lost
+        if url not in state.warned:
+            state.warned.add(url)
+            log.warning("shard %s is unreadable after %d samples (%s): %d samples lost (%s)", url, num_read, reason,
+                        lost, how)
 
-    def _decode(self, raw: dict[str, Any], rng: random.Random, counts: dict[str, int]) -> ImageLabel | None:
-        """Decode one raw sample into {"image": (3, H, W) uint8, "label": int64}, or None if it is corrupt."""
+    def _item(self, raw: dict[str, Any], rng: random.Random, state: _PassState) -> dict[str, Tensor] | None:
+        """`decode_sample`, with corrupt samples counted and warned about (naming shard and key), not raised."""
         try:
-            image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-            if image_key is None:
-                raise CorruptSampleError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)}); has {sorted(raw)}")
-            if "cls" not in raw:
-                raise CorruptSampleError(f"no cls member; has {sorted(raw)}")
-            label = _parse_label(raw["cls"], self.num_classes)
-            with Image.open(io.BytesIO(raw[image_key])) as pil_image:
-                pil_image.load()
-                arr = center_crop_arr(pil_image.convert("RGB"), self.image_size)  # (H, W, 3) uint8
+            return self.decode_sample(raw, rng)
+        except ShardDataError:
+            raise
         except Exception as exc:  # noqa: BLE001 - PIL raises many types; one bad sample must never stop training
-            self._skip(raw, exc, counts)
+            self.loss.add(state.slot, self.url_index.get(raw.get("__url__"), 0), CORRUPT)
+            state.corrupt += 1
+            if state.corrupt <= MAX_SKIP_WARNINGS:
+                log.warning("skipping corrupt sample %r in shard %s: %s: %s", raw.get("__key__"), raw.get("__url__"),
+                            type(exc).__name__, exc)
             return None
+
+    def decode_sample(self, raw: dict[str, Any], rng: random.Random) -> ImageLabel:
+        """One raw sample -> {"image": (3, H, W) uint8, "label": int64}; raises for a corrupt sample."""
+        image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if image_key is None:
+            raise CorruptSampleError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)}); has {sorted(raw)}")
+        label = parse_label(raw, self.num_classes)
+        with Image.open(io.BytesIO(raw[image_key])) as pil_image:
+            pil_image.load()
+            rgb = pil_image.convert("RGB")
+        if self.resize:
+            arr = center_crop_arr(rgb, self.image_size)  # (H, W, 3) uint8
+        elif rgb.size != (self.image_size, self.image_size):
+            raise ShardDataError(f"shard {raw.get('__url__')} key {raw.get('__key__')!r}: image is "
+                                 f"{rgb.size[0]}x{rgb.size[1]} but data.image_size={self.image_size}; set "
+                                 "data.resize=true to ADM-center-crop every image to data.image_size, or write the "
+                                 f"shards at this size (python -m visgen.data.writer --resize {self.image_size})")
+        else:
+            arr = np.array(rgb)  # (H, W, 3) uint8
         if self.random_flip and rng.random() < 0.5:
             arr = arr[:, ::-1]  # (H, W, 3) mirrored left-right
         image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
         return {"image": image, "label": torch.tensor(label, dtype=torch.int64)}
 
-    def _skip(self, raw: dict[str, Any], exc: Exception, counts: dict[str, int]) -> None:
-        """Count a corrupt sample and warn about the first few, naming the shard and key."""
-        self.num_skipped += 1
-        counts["skipped"] += 1
-        if counts["skipped"] <= MAX_SKIP_WARNINGS:
-            log.warning("skipping corrupt sample %r in shard %s: %s: %s", raw.get("__key__"),
-                        raw.get("__url__"), type(exc).__name__, exc)
-
-    def _report(self, counts: dict[str, int], worker_id: int) -> None:
-        """End-of-stream summary of the corrupt samples and unreadable shards this worker met."""
-        shard_errors = self.num_shard_errors - counts["shard_errors_before"]
-        if counts["skipped"] or shard_errors:
-            log.warning("ShardStream(%r) rank %d worker %d: skipped %d corrupt samples; %d shard read errors",
-                        self.spec, self.rank, worker_id, counts["skipped"], shard_errors)
+    def _report(self, state: _PassState) -> None:
+        """End-of-pass summary of what this worker could not read."""
+        if state.corrupt or state.tails:
+            log.warning("ShardStream(%r) rank %d worker %d epoch %d: skipped %d corrupt samples; %d unreadable shard "
+                        "tails lost %d samples", self.spec, self.rank, state.slot, self.epoch, state.corrupt,
+                        state.tails, state.tail_samples)
 
 
-def load_all(shards: str, image_size: int, num_classes: int | None = None) -> tuple[Tensor, Tensor]:
+class _PassState:
+    """Per worker pass: its slot in the loss counter and what it met (for warnings and estimates)."""
+
+    def __init__(self, slot: int):
+        self.slot = slot
+        self.corrupt = 0
+        self.tails = 0
+        self.tail_samples = 0
+        self.largest_shard = 0  # most samples read from one complete shard: estimates a cut shard's loss
+        self.warned: set[str] = set()
+
+
+def load_all(shards: str, image_size: int, num_classes: int | None = None,
+             resize: bool = False) -> tuple[Tensor, Tensor]:
     """Read every sample of `shards` once, in shard order: uint8 images (N, 3, H, W) and int64 labels (N,)."""
-    stream = ShardStream(shards, image_size, resampled=False, num_classes=num_classes)
+    stream = ShardStream(shards, image_size, resampled=False, num_classes=num_classes, resize=resize)
     items = list(stream.iter_worker(0, 1))
     if not items:
         raise ValueError(f"load_all: shards {shards!r} yielded no readable samples "
-                         f"({stream.num_skipped} corrupt, {stream.num_shard_errors} shard read errors)")
+                         f"({stream.num_skipped} corrupt, {stream.num_shard_errors} unreadable shard tails)")
     images = torch.stack([item["image"] for item in items])  # (N, 3, H, W) uint8
     labels = torch.stack([item["label"] for item in items])  # (N,) int64
     return images, labels

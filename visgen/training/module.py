@@ -122,9 +122,13 @@ class GenerativeModule(L.LightningModule):
         batch: Batch = {"labels": loader_batch["label"]}
         if "image" in loader_batch:
             batch["images"] = from_uint8(loader_batch["image"])  # (B, 3, H, W) in [-1, 1]
+        if "moments" in loader_batch:  # cached (visgen.data.cached): encoded once, the view picked by the worker
+            batch["latents"] = self.tokenizer.sample(loader_batch["moments"], generator)
+        elif "images" in batch:
             batch["latents"] = self.tokenizer.sample(self.tokenizer.encode(batch["images"]), generator)
         else:
-            raise KeyError(f"the loader's batch has keys {sorted(loader_batch)}; it needs 'image' and 'label'")
+            raise KeyError(f"the loader's batch has keys {sorted(loader_batch)}; it needs 'label' and 'image' "
+                           "or cached 'moments'")
         return batch
 
     # ----- training ------------------------------------------------------------------------
