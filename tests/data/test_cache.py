@@ -85,6 +85,7 @@ def test_kl_cache_holds_the_moments_of_the_crop_and_its_mirror(kl_cache, source:
     cached = _cached(folder)
     assert [c["__key__"] for c in cached] == list(sources)  # every sample, in the source's order
     crops = torch.from_numpy(np.stack([crops_of(sources[c["__key__"]], SIZE, "adm_center")[0] for c in cached]))
+    assert np.array_equal(crops_of(sources[cached[0]["__key__"]], SIZE, "adm_center")[1], crops[0].numpy()[:, ::-1])
     images = from_uint8(crops.permute(0, 3, 1, 2))  # (15, 3, 16, 16) in [-1, 1]
     with torch.no_grad():
         plain, mirrored = tokenizer.encode(images), tokenizer.encode(images.flip(dims=[3]))  # (15, 8, 8, 8)
@@ -174,10 +175,10 @@ def test_vq_ten_crop_cache_holds_the_codes_of_every_crop(source: str, tmp_path: 
     assert (info.kind, info.storage_dtype, info.sample_shape, info.crop_size) == ("codes", "uint16", (10, 8, 8), 17)
     sources = _source_images(source.replace("000002", "000000"))
     for sample in _cached(tmp_path / "vq"):
-        crops = torch.from_numpy(crops_of(sources[sample["__key__"]], SIZE, "ten_crop", 1.1))  # (5, 16, 16, 3)
-        images = from_uint8(crops.permute(0, 3, 1, 2))
+        views = crops_of(sources[sample["__key__"]], SIZE, "ten_crop", 1.1)  # (10, 16, 16, 3)
+        assert np.array_equal(views[5:9], views[:4, :, ::-1])  # view 5 + k mirrors corner k
         with torch.no_grad():
-            expected = torch.cat([tokenizer.encode(images), tokenizer.encode(images.flip(dims=[3]))])  # (10, 8, 8)
+            expected = tokenizer.encode(from_uint8(torch.from_numpy(views).permute(0, 3, 1, 2)))  # (10, 8, 8)
         assert torch.equal(torch.from_numpy(sample["views"].astype(np.int64)), expected)
     batch = next(iter(_datamodule(tmp_path / "vq", crop="ten_crop", keep_image=False, num_classes=3,
                                   batch_global=5, batch_per_device=5).train_dataloader()))
@@ -202,3 +203,11 @@ def test_two_processes_cache_every_sample_exactly_once(source: str, tmp_path: Pa
     assert info.count == 15 and info.tokenizer_id == "pixel" and info.sample_shape == (2, 3, SIZE, SIZE)
     progress = {p.name for p in (out / ".progress").iterdir()}
     assert progress == {f"cache-00000{i}.tar.json" for i in range(3)}
+    from visgen.tokenizers import PixelTokenizer
+
+    # A rerun finds every shard done and only rewrites the sidecar; other settings are refused.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert build_cache(PixelTokenizer(), source, out, SIZE)["count"] == 15
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes
+    with pytest.raises(FileExistsError, match=r"other settings \(storage_dtype: 'float32' then, 'bfloat16' now\)"):
+        build_cache(PixelTokenizer(), source, out, SIZE, dtype="bfloat16")

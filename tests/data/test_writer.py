@@ -20,8 +20,8 @@ from tests.data.imagefolder import (
     write_folder,
     write_nested_tar,
 )
+from visgen.data import shards, writer
 from visgen.data import verify as verify_cli
-from visgen.data import writer
 from visgen.data.shards import iter_tar_samples
 from visgen.data.sources import SourceError, scan_source
 from visgen.data.verify import verify
@@ -200,3 +200,29 @@ def test_imagenet_1k_wds_shards_read_as_they_are(files: dict[str, bytes], tmp_pa
     stream = ShardStream(spec, 24, resampled=False, num_classes=3, resize=True)
     kept = len(list(stream))
     assert stream.loss.totals() == (0, 15 - kept, 1)  # exact, from _info.json's shard_lengths
+
+
+def test_a_full_disk_names_the_shard_and_keeps_what_was_written(folder: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    real_write = shards._HashingWriter.write
+    written = {"bytes": 0}
+
+    def fill_up(self, data):  # the disk is full after ~2.5 shards
+        written["bytes"] += len(memoryview(data))
+        if written["bytes"] > 60_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(shards._HashingWriter, "write", fill_up)
+    with pytest.raises(OSError, match=r"writing shard .*full-00000\d\.tar failed: No space left on device; nothing "
+                                      r"was written under that name \(free disk space"):
+        write_dataset(folder, tmp_path / "full", WriteOptions(samples_per_shard=4, resize=32, image_format="png"),
+                      progress=False)
+    kept = sorted(p.name for p in (tmp_path / "full").glob("*.tar"))
+    assert kept and not list((tmp_path / "full").glob("*.tmp"))
+    monkeypatch.setattr(shards._HashingWriter, "write", real_write)
+    manifest = write_dataset(folder, tmp_path / "full", WriteOptions(samples_per_shard=4, resize=32,
+                                                                     image_format="png"), progress=False)
+    assert manifest["num_samples"] == 15 and set(kept) <= {s["name"] for s in manifest["shards"]}

@@ -60,20 +60,25 @@ class CacheSettings(dict):
 
 
 def crops_of(image: Image.Image, image_size: int, crop: str, crop_range: float = 1.1) -> np.ndarray:
-    """The unflipped crops a cache encodes: (1 or 5, S, S, 3) uint8.
+    """The views a cache encodes, as pixels: (2 or 10, S, S, 3) uint8, ordered [crops, their mirror images].
 
-    adm_center: ADM's center crop to S (DiT, SiT, MAR). ten_crop: ADM's center crop to int(S x crop_range), then
-    its four corners and center of size S (top-left, top-right, bottom-left, bottom-right, center), LlamaGen's
-    ten-crop minus the flips (the cache adds every crop's mirror image).
+    adm_center: ADM's center crop to S (DiT, SiT, MAR) and its mirror image (MAR's `x.flip(dims=[3])`).
+    ten_crop: LlamaGen's ten crops: ADM's center crop to int(S x crop_range), its four corners and center of size
+    S (torchvision's five_crop), then the same five of the mirrored image, reordered so that view 5 + k mirrors
+    view k (for the center only up to a 1 px shift when the margin is odd, exactly as torchvision's ten_crop).
     """
     rgb = image.convert("RGB")
     if crop == "adm_center":
-        return center_crop_arr(rgb, image_size)[None]
+        arr = center_crop_arr(rgb, image_size)  # (S, S, 3)
+        return np.stack([arr, arr[:, ::-1]])
     big = center_crop_arr(rgb, int(image_size * crop_range))  # (L, L, 3)
     side, size = big.shape[0], image_size
     center = int(round((side - size) / 2.0))  # torchvision's center_crop rounding
     corners = [(0, 0), (0, side - size), (side - size, 0), (side - size, side - size), (center, center)]
-    return np.stack([big[top : top + size, left : left + size] for top, left in corners])  # (5, S, S, 3)
+    mirrored = big[:, ::-1]
+    plain = [big[t : t + size, x : x + size] for t, x in corners]  # tl, tr, bl, br, center
+    flips = [mirrored[t : t + size, x : x + size] for t, x in corners]  # tl, tr, bl, br, center of the mirror
+    return np.stack(plain + [flips[1], flips[0], flips[3], flips[2], flips[4]])  # flip(tl) is the mirror's tr
 
 
 def _source_fingerprint(urls: list[str]) -> dict[str, Any]:
@@ -92,7 +97,7 @@ class _SourceBatches(IterableDataset):
     """Decoded, cropped batches of this rank's source shards, each shard's samples in order.
 
     Worker w of N takes shards w, w + N, ... of the list and yields dicts {"shard", "keys", "labels", "crops"
-    (B, crops, S, S, 3) uint8, "pngs", "skipped", "end"}; the last batch of a shard has "end" set.
+    (B, views, S, S, 3) uint8, "pngs", "skipped", "end"}; the last batch of a shard has "end" set.
     """
 
     def __init__(self, urls: list[tuple[int, str]], image_size: int, crop: str, crop_range: float, batch_size: int,
@@ -152,19 +157,17 @@ class _SourceBatches(IterableDataset):
 
     def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         size = self.image_size
-        crops = np.stack(batch["crops"]) if batch["crops"] else np.zeros((0, 1, size, size, 3), np.uint8)
+        crops = np.stack(batch["crops"]) if batch["crops"] else np.zeros((0, 2, size, size, 3), np.uint8)
         return {**batch, "crops": torch.from_numpy(crops), "labels": torch.tensor(batch["labels"], dtype=torch.int64)}
 
 
 @torch.no_grad()
-def encode_views(tokenizer: torch.nn.Module, crops: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 crops (B, n, S, S, 3) -> encode of [crop 0..n-1, their mirror images]: (B, 2n, *encode shape)."""
-    batch, num_crops = crops.shape[:2]
+def encode_views(tokenizer: torch.nn.Module, views: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 views (B, V, S, S, 3) -> the tokenizer's encode of each: (B, V, *encode shape)."""
+    batch, num_views = views.shape[:2]
     # visgen.sampling.from_uint8's arithmetic (not imported: it would pull in torchvision for nothing)
-    images = crops.to(device).flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B n, 3, S, S) in [-1, 1]
-    encoded = tokenizer.encode(torch.cat([images, images.flip(dims=[3])]))  # (2 B n, ...)
-    plain, flipped = encoded.chunk(2)  # (B n, ...) each
-    return torch.cat([plain.unflatten(0, (batch, num_crops)), flipped.unflatten(0, (batch, num_crops))], dim=1)
+    images = views.to(device).flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B V, 3, S, S) in [-1, 1]
+    return tokenizer.encode(images).unflatten(0, (batch, num_views))  # (B, V, ...)
 
 
 def _to_bytes(views: torch.Tensor, storage_dtype: str) -> list[bytes]:
