@@ -102,3 +102,18 @@ def test_code_usage_counts_every_code():
 def test_nearest_codes_chunking_does_not_change_the_result():
     z, book = torch.randn(100, 4), torch.randn(30, 4)
     assert torch.equal(nearest_codes(z, book, chunk_size=9), nearest_codes(z, book, chunk_size=1000))
+
+
+def test_restarted_codes_land_on_encoder_outputs_and_get_chosen():
+    vq = VectorQuantizer(8, 4, l2_normalized=True)
+    z = _z((2, 4, 4, 4))
+    flat = vq.flatten(z)  # (32, 4) unit vectors
+    dead = torch.zeros(8, dtype=torch.bool)
+    dead[[1, 5]] = True
+    before = vq.embedding.weight.detach().clone()
+    assert vq.restart_codes(dead, flat, torch.Generator().manual_seed(0)) == 2
+    after = vq.embedding.weight.detach()
+    assert torch.equal(after[~dead], before[~dead])
+    for row in after[dead]:  # each moved code sits exactly on one encoder output, so that output now picks it
+        assert (flat == row).all(dim=1).any()
+    assert set(vq(z).codes.unique().tolist()) >= {1, 5}

@@ -41,6 +41,7 @@ class Quantized:
     codebook_loss: Tensor  # scalar: mean ||sg(z) − e_k||²
     commitment_loss: Tensor  # scalar: β · mean ||z − sg(e_k)||²
     entropy_loss: Tensor  # scalar: entropy_weight · (sample entropy − batch entropy); 0 when off
+    latents: Tensor  # (N, D) detached encoder vectors the search saw (l2-normalised if the lookup is): for restarts
 
     @property
     def loss(self) -> Tensor:
@@ -137,15 +138,18 @@ class VectorQuantizer(nn.Module):
         weight = self.embedding.weight.float()
         return F.normalize(weight, dim=-1) if self.l2_normalized else weight
 
+    def flatten(self, z: Tensor) -> Tensor:
+        """(B, D, h, w) -> the float32 (N, D) vectors the search compares (unit rows when l2-normalised)."""
+        flat = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N, D)
+        return F.normalize(flat, dim=-1) if self.l2_normalized else flat
+
     def forward(self, z: Tensor) -> Quantized:
         """z (B, D, h, w) from the encoder -> `Quantized` (straight-through vectors, codes, losses), float32."""
         batch, dim, height, width = z.shape
         if dim != self.code_dim:
             raise ValueError(f"VectorQuantizer got {dim} channels, its codes have {self.code_dim}; check quant_conv")
         with _no_autocast(z.device.type):
-            flat = z.float().permute(0, 2, 3, 1).reshape(-1, dim)  # (N, D), N = B·h·w
-            if self.l2_normalized:
-                flat = F.normalize(flat, dim=-1)
+            flat = self.flatten(z)  # (N, D), N = B·h·w
             codebook = self.codebook()  # (K, D)
             codes = nearest_codes(flat, codebook, self.chunk_size)  # (N,)
             chosen = codebook[codes]  # (N, D)
@@ -160,7 +164,19 @@ class VectorQuantizer(nn.Module):
             # decoder sees in training bit for bit what `lookup(codes)` gives it; backward: identity to z.
             straight = chosen.detach() + (flat - flat.detach())  # (N, D)
         vectors = straight.reshape(batch, height, width, dim).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
-        return Quantized(vectors, codes.reshape(batch, height, width), codebook_loss, commitment_loss, entropy)
+        return Quantized(vectors, codes.reshape(batch, height, width), codebook_loss, commitment_loss, entropy,
+                         flat.detach())
+
+    @torch.no_grad()
+    def restart_codes(self, dead: Tensor, latents: Tensor, generator: torch.Generator | None = None) -> int:
+        """Move the codes flagged in `dead` (K,) bool onto random rows of `latents` (N, D): codebook restarts
+        (Jukebox, SoundStream), the remedy for codes no input is near. Returns how many moved."""
+        index = dead.nonzero().flatten()
+        if index.numel() == 0 or latents.shape[0] == 0:
+            return 0
+        pick = torch.randint(0, latents.shape[0], (index.numel(),), generator=generator, device=latents.device)
+        self.embedding.weight[index] = latents[pick].to(self.embedding.weight.dtype)
+        return int(index.numel())
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Integer codes (B, h, w) -> the float32 vectors (B, D, h, w) the decoder reads: exact decoding."""

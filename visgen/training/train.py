@@ -61,11 +61,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
                                      logger=loggers or False)
-    trainer.accumulate_grad_batches = datamodule.accumulate_grad_batches(trainer.world_size)
+    accumulation = datamodule.accumulate_grad_batches(trainer.world_size)
+    if model.automatic_optimization:
+        trainer.accumulate_grad_batches = accumulation
+    else:  # manual optimisation (two-optimizer modules) accumulates itself; Lightning refuses it on the Trainer
+        model.accumulate_grad_batches = accumulation
     if trainer.is_global_zero:
         write_run_files(run_dir, provenance, resume_from)
         log.info("run dir: %s (%s)", run_dir, f"resuming from {resume_from}" if resume_from else "fresh start")
         log.info("net parameters: %s; grad accumulation: %d", f"{sum(p.numel() for p in model.net.parameters()):,}",
-                 trainer.accumulate_grad_batches)
+                 accumulation)
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
