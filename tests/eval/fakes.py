@@ -21,7 +21,7 @@ def write_random_inception_weights(path: Path, seed: int = 0) -> Path:
             mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict"):
         torch.manual_seed(seed)
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-        images = torch.randint(0, 256, (6, 3, 96, 96), dtype=torch.uint8)
+        images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.reset_running_stats()
