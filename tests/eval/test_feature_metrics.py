@@ -82,14 +82,17 @@ def test_inception_score_on_logits_with_a_known_answer() -> None:
         pytest.approx(1.0))
 
 
-def test_inception_score_equals_torch_fidelity_without_shuffling() -> None:
-    """Same splits in sample order: torch-fidelity's isc_features_to_metric(shuffle=False) to 1e-12."""
+def test_inception_score_equals_torch_fidelity_with_and_without_shuffling() -> None:
+    """Splits in sample order (ADM) or after RandomState(2020) (torch-fidelity's default): equal to 1e-12."""
     from torch_fidelity.metric_isc import isc_features_to_metric
 
     logits = torch.randn(1000, 1008, generator=torch.Generator().manual_seed(0)) * 3
     ours = inception_score(logits, splits=10)
     theirs = isc_features_to_metric(logits, splits=10, shuffle=False)
     assert ours == pytest.approx((theirs["inception_score_mean"], theirs["inception_score_std"]), rel=1e-12)
+    shuffled = isc_features_to_metric(logits, splits=10)  # torch-fidelity's default: RandomState(2020) permutation
+    assert inception_score(logits, 10, shuffle_seed=2020) == pytest.approx(
+        (shuffled["inception_score_mean"], shuffled["inception_score_std"]), rel=1e-12)
     with pytest.raises(ValueError, match="splits"):
         inception_score(logits[:5], splits=10)
 

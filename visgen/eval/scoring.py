@@ -85,8 +85,8 @@ def score(job: SampleJob, cfg: DictConfig, names: list[str], extractors: dict[st
             numbers["sfid"] = frechet_distance_from_stats(feature_statistics(feats["spatial"]),
                                                           reference.stats["sfid"])
         if "inception_score" in names:
-            numbers["inception_score"], numbers["inception_score_std"] = inception_score(feats["logits"],
-                                                                                        cfg.is_splits)
+            numbers["inception_score"], numbers["inception_score_std"] = inception_score(
+                feats["logits"], cfg.is_splits, cfg.get("is_shuffle_seed"))
         if "precision_recall" in names:
             ref_pool = reference_features(reference, extractors[inception_key], cache_dir)
             numbers["precision"], numbers["recall"] = precision_recall(
@@ -94,16 +94,15 @@ def score(job: SampleJob, cfg: DictConfig, names: list[str], extractors: dict[st
     if "fd_dinov2" in names:
         dinov2 = job.features(next(k for k in extractors if k.startswith("dinov2-")))["dinov2"]
         numbers["fd_dinov2"] = frechet_distance_from_stats(feature_statistics(dinov2), reference.stats["fd_dinov2"])
-    protocol["settings"] = {
+    order = "in sample order (ADM)" if cfg.get("is_shuffle_seed") is None else (
+        f"after RandomState({cfg.is_shuffle_seed}) shuffling (torch-fidelity)")
+    settings = {
         "fid": "Fréchet distance of Inception pool_3 (2048-d) Gaussians, float64, vs the reference's mu/sigma",
-        **({"sfid": "Inception mixed_6/conv (Mixed_6d.branch1x1) first 7 channels x 17 x 17, NHWC, vs mu_s/sigma_s"}
-           if "sfid" in names else {}),
-        **({"inception_score": f"{cfg.is_splits} consecutive splits of unbiased logits (no shuffle, as ADM)"}
-           if "inception_score" in names else {}),
-        **({"precision_recall": f"k={cfg.pr_k}, squared L2 on pool_3, distances {cfg.pr_distance}, vs the "
-                                f"reference's {reference.num_images} arr_0 images"}
-           if "precision_recall" in names else {}),
-        **({"fd_dinov2": "edm2 protocol: bicubic antialiased 224 px, CLS token, vs mu_dinov2/sigma_dinov2"}
-           if "fd_dinov2" in names else {}),
+        "sfid": "Inception mixed_6/conv (Mixed_6d.branch1x1) first 7 channels x 17 x 17, NHWC, vs mu_s/sigma_s",
+        "inception_score": f"{cfg.is_splits} splits of the unbiased logits, {order}",
+        "precision_recall": f"k={cfg.pr_k}, squared L2 on pool_3, distances {cfg.pr_distance}, vs the reference's "
+                            f"{reference.num_images} arr_0 images",
+        "fd_dinov2": "edm2 protocol: bicubic antialiased 224 px, CLS token, vs mu_dinov2/sigma_dinov2",
     }
+    protocol["settings"] = {name: text for name, text in settings.items() if name in names}
     return numbers, protocol
