@@ -10,15 +10,25 @@ from visgen.errors import report_user_errors
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 @report_user_errors  # a UserError (typo, occupied dir, missing file) is one line, not a traceback
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict:
     from visgen.eval.evaluate import evaluate  # imported inside: `--help` stays fast
 
-    evaluate(cfg)
+    return evaluate(cfg)  # returned for Hydra callbacks: a sweep collects every job's numbers
 
 
-if __name__ == "__main__":
+def _rewrite(arg: str) -> str:
     # Without a `sampling=<group>` choice the config has no `sampling` node (the sampler lives in the
     # checkpoint), so Hydra would refuse `sampling.cfg_scale=2`; its add-or-override form `++` works
     # with or without a group, and visgen.eval.evaluate.sampling_config applies the patch.
-    sys.argv = [f"++{arg}" if arg.startswith("sampling.") else arg for arg in sys.argv]
+    if arg.startswith("sampling."):
+        return f"++{arg}"
+    # `experiment` is a config group of train.py, which Hydra would try to load here: the preset's name goes
+    # into evaluate.yaml's `preset` key instead (official files: experiment=dit_xl_2 ckpt=DiT-XL-2-256x256.pt).
+    if arg.startswith("experiment="):
+        return f"preset={arg.removeprefix('experiment=')}"
+    return arg
+
+
+if __name__ == "__main__":
+    sys.argv = [_rewrite(arg) for arg in sys.argv]
     main()

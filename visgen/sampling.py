@@ -50,10 +50,12 @@ def generate(
     labels: Tensor,
     image_size: int,
     generator: torch.Generator | None = None,
+    postprocess: Callable[[Tensor], Tensor] = to_uint8,
 ) -> Tensor:
-    """Sample latents for `labels` (B,) with `sampler`, decode them: uint8 (B, 3, H, W) images."""
+    """Sample latents for `labels` (B,) with `sampler`, decode them, make uint8 (B, 3, H, W) images with
+    `postprocess` (DiT's rounding by default; evaluation passes its recorded quantisation and resize)."""
     latents = sampler(net, labels, tokenizer.latent_shape(image_size), generator=generator)  # (B, C, h, w)
-    return to_uint8(tokenizer.decode(latents))  # (B, 3, H, W)
+    return postprocess(tokenizer.decode(latents))  # (B, 3, H, W)
 
 
 def balanced_labels(num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor:

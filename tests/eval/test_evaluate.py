@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.tiny_run import CONF_DIR, compose_train
+from tests.tiny_run import CONF_DIR
 from visgen.eval.evaluate import evaluate, sampling_config
-from visgen.training.train import train
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, digits_dir) -> Path:
-    run = tmp_path_factory.mktemp("run")
-    train(compose_train(run, digits_dir, "trainer.max_steps=8"))
-    return run / "checkpoints" / "last.ckpt"
 
 
 def compose_eval(*overrides: str):

@@ -1,0 +1,102 @@
+"""evaluate.py at the papers' protocol: metrics=adm end to end, the protocol card, rescoring, official files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tests.tiny_run import CONF_DIR
+from visgen.eval.evaluate import evaluate
+from visgen.eval.metrics import GaussianStats, feature_statistics, frechet_distance_from_stats
+from visgen.eval.sample_job import ChunkPlan
+
+
+def compose_eval(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("evaluate", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An ADM-format reference (random statistics, 4 images for precision/recall)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("ref") / "ref.npz"
+    a, b = rng.normal(size=(2048, 64)), rng.normal(size=(2023, 64))
+    np.savez(path, mu=rng.normal(size=2048), sigma=a @ a.T / 64, mu_s=rng.normal(size=2023), sigma_s=b @ b.T / 64,
+             arr_0=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    return path
+
+
+def test_metrics_adm_scores_the_samples_and_writes_the_protocol_card(tmp_path, tiny_checkpoint, digits_dir,
+                                                                     inception_weights, reference) -> None:
+    out = tmp_path / "eval"
+    common = [f"ckpt={tiny_checkpoint}", "num_samples=10", "batch_size=5", f"out_dir={out}",
+              f"paths.cache_dir={digits_dir / 'cache'}", "metrics=adm", f"metrics.reference={reference}",
+              f"metrics.inception_weights={inception_weights}", "metrics.inception_sha256=null", "labels=uniform",
+              "quantize=floor", "seed=3"]
+    metrics = evaluate(compose_eval(*common))
+    written = json.loads((out / "metrics.json").read_text())
+    for key in ("fid", "sfid", "inception_score", "precision", "recall", "classifier_accuracy"):
+        assert isinstance(written[key], float) and np.isfinite(written[key]), key
+    # FID from the job's Inception features against the reference statistics
+    pool = torch.from_numpy(np.concatenate([np.load(p)["pool"] for p in sorted((out / "features").glob("*/*.npz"))]))
+    with np.load(reference) as ref:
+        expected = frechet_distance_from_stats(feature_statistics(pool), GaussianStats(ref["mu"], ref["sigma"]))
+    assert metrics["fid"] == pytest.approx(expected, rel=1e-9)
+    # samples: ADM layout, uniform labels from the chunks' generators
+    samples = np.load(out / "samples.npz")
+    plan = ChunkPlan(10, 5, 3, 10, "uniform")
+    assert samples["arr_1"].tolist() == torch.cat([plan.labels_of(0), plan.labels_of(1)]).tolist()
+    card = written["protocol"]
+    assert card["model"]["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    assert (card["model"]["weights"], card["model"]["tokenizer"]) == ("EMA", "pixel")
+    assert card["samples"] | {"resize": None} == {
+        "num_samples": 10, "labels": "uniform", "num_classes": 10, "quantize": "floor", "resize": None,
+        "image_size": 32, "seed": 3, "batch_size_per_rank": 5, "world_size": 1, "dtype": "fp32", "tf32": False}
+    assert card["sampler"]["class"] == "ODESampler" and card["sampler"]["num_steps"] == 4
+    assert card["reference"]["sha256"] == hashlib.sha256(reference.read_bytes()).hexdigest()
+    assert "inception-v3-compat" in card["feature_extractors"]["inception"]
+    assert card["settings"]["precision_recall"].startswith("k=3") and card["software"]["torch"] == torch.__version__
+
+    # a finished folder: refused without overwrite/rescore; rescore keeps the samples and changes only the scoring
+    with pytest.raises(FileExistsError, match="rescore=true"):
+        evaluate(compose_eval(*common))
+    before = (out / "samples.npz").read_bytes()
+    chunk_times = {p: p.stat().st_mtime_ns for p in (out / "chunks").glob("*.npz")}
+    again = evaluate(compose_eval(*common, "rescore=true", "metrics.is_shuffle_seed=2020",
+                                  "metrics.pr_distance=float32"))
+    assert (out / "samples.npz").read_bytes() == before
+    assert {p: p.stat().st_mtime_ns for p in (out / "chunks").glob("*.npz")} == chunk_times
+    assert again["fid"] == metrics["fid"] and "RandomState(2020)" in again["protocol"]["settings"]["inception_score"]
+    # other sampling settings in the same folder are refused, naming what differs
+    with pytest.raises(ValueError, match=r"seed: 3 -> 4"):
+        evaluate(compose_eval(*[c for c in common if c != "seed=3"], "seed=4", "rescore=true"))
+
+
+def test_an_official_file_evaluates_with_its_preset(tmp_path, digits_dir) -> None:
+    """experiment=demo_sit ckpt=<safetensors of the preset's net>: loaded strictly, sampled with its sampler."""
+    from hydra.utils import instantiate
+    from safetensors.torch import save_file
+
+    from visgen.official import compose_experiment
+
+    torch.manual_seed(0)
+    net = instantiate(compose_experiment("demo_sit").model.net)
+    path = tmp_path / "demo_sit.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    out = tmp_path / "official"
+    metrics = evaluate(compose_eval(f"ckpt={path}", "preset=demo_sit", "num_samples=10", "batch_size=10",
+                                    f"out_dir={out}", f"paths.data_dir={digits_dir}",
+                                    f"paths.cache_dir={digits_dir / 'cache'}", "sampling.num_steps=2"))
+    card = metrics["protocol"]["model"]
+    assert card["experiment"] == "demo_sit" and card["checkpoint_step"] is None
+    assert card["parameters"] == sum(p.numel() for p in net.parameters())
+    assert metrics["sampling.num_steps"] == 2 and "classifier_accuracy" in metrics
+    with pytest.raises(ValueError, match="does not fit"):
+        evaluate(compose_eval(f"ckpt={path}", "preset=dit_s_2", "num_samples=10", f"out_dir={tmp_path / 'x'}"))
