@@ -32,8 +32,8 @@ def test_an_occupied_output_folder_is_a_one_line_error(tmp_path):
                             timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
-        f"error: {occupied} already holds an evaluation (metrics.json); pass overwrite=true, another out_dir=<dir>, "
-        "or other settings"]
+        f"error: {occupied} already holds an evaluation (metrics.json); pass overwrite=true (sample again), "
+        "rescore=true (score its samples again), another out_dir=<dir>, or other settings"]
 
 
 def test_other_expected_mistakes_are_one_line_errors_too(tmp_path, capsys):

@@ -93,10 +93,38 @@ def test_an_official_file_evaluates_with_its_preset(tmp_path, digits_dir) -> Non
     out = tmp_path / "official"
     metrics = evaluate(compose_eval(f"ckpt={path}", "preset=demo_sit", "num_samples=10", "batch_size=10",
                                     f"out_dir={out}", f"paths.data_dir={digits_dir}",
-                                    f"paths.cache_dir={digits_dir / 'cache'}", "sampling.num_steps=2"))
+                                    f"paths.cache_dir={digits_dir / 'cache'}"))
     card = metrics["protocol"]["model"]
     assert card["experiment"] == "demo_sit" and card["checkpoint_step"] is None
     assert card["parameters"] == sum(p.numel() for p in net.parameters())
-    assert metrics["sampling.num_steps"] == 2 and "classifier_accuracy" in metrics
+    assert metrics["sampling.num_steps"] == 10 and "classifier_accuracy" in metrics  # the preset's Heun-10
     with pytest.raises(ValueError, match="does not fit"):
         evaluate(compose_eval(f"ckpt={path}", "preset=dit_s_2", "num_samples=10", f"out_dir={tmp_path / 'x'}"))
+
+
+def test_a_command_line_sweep_collects_one_table(tmp_path, tiny_checkpoint, digits_dir) -> None:
+    """`evaluate.py -m ... sampling.cfg_scale=1.0,2.0`: two jobs, one sweep.csv/sweep.md/sweep.png."""
+    import csv
+    import subprocess
+    import sys
+
+    root = CONF_DIR.parent
+    sweep = tmp_path / "sweep"
+    result = subprocess.run([sys.executable, "evaluate.py", "-m", f"ckpt={tiny_checkpoint}", "num_samples=4",
+                             "batch_size=4", "sampling.cfg_scale=1.0,2.0", f"paths.cache_dir={digits_dir / 'cache'}",
+                             "progress=false", f"hydra.sweep.dir={sweep}"], cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep / "sweep.csv")))
+    assert [r["sampling.cfg_scale"] for r in rows] == ["1.0", "2.0"] and all(r["fid_classifier"] for r in rows)
+    assert (sweep / "sweep.png").exists() and "sampling.cfg_scale=2.0" in rows[1]["out_dir"]
+
+
+def test_experiment_on_the_command_line_names_the_preset() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "evaluate.py", "experiment=dit_xl_2", "ckpt=DiT-XL-2-256x256.pt",
+                             "--cfg", "job"], cwd=CONF_DIR.parent, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "preset: dit_xl_2" in result.stdout

@@ -36,7 +36,8 @@ def test_online_fid_is_logged_from_the_ema_every_n_steps(tmp_path: Path, digits_
                         "callbacks.online_fid._target_=tests.training.test_online_fid.RecordingOnlineFID",
                         "callbacks.online_fid.every_n_steps=8", "callbacks.online_fid.num_samples=10",
                         "callbacks.online_fid.batch_size=5", f"callbacks.online_fid.reference={tmp_path / 'ref.npz'}",
-                        f"callbacks.online_fid.inception_weights={weights}", "callbacks.online_fid.inception_sha256=null")
+                        f"callbacks.online_fid.inception_weights={weights}",
+                        "callbacks.online_fid.inception_sha256=null")
     RecordingOnlineFID.calls = []
     train(cfg)
     assert [(step, rng_untouched) for step, rng_untouched, _ in RecordingOnlineFID.calls] == [(8, True)]

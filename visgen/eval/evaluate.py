@@ -162,16 +162,20 @@ def load_model(cfg: DictConfig, device: torch.device) -> LoadedModel:
     `visgen.untrusted`), or with `experiment=` an official file or `.safetensors` loaded strictly into that
     installed preset (`visgen.load_official`)."""
     path = Path(cfg.ckpt)
-    if not path.is_file():
-        raise MissingInputError(f"ckpt={path} does not exist; pass ckpt=<run dir>/checkpoints/last.ckpt, or an "
-                                "official file with experiment=<preset>")
     if cfg.get("preset"):
         from visgen.official import compose_experiment, load_official
+
+        if not path.is_file():
+            raise MissingInputError(f"ckpt={path}: no such file; give the official weights file of "
+                                    f"experiment={cfg.preset}")
 
         source = f"experiment={cfg.preset}"
         # the preset's data and cache paths are this evaluation's (the built-in digits' metrics read them)
         paths = [f"paths.{key}={cfg.paths[key]}" for key in ("root_dir", "data_dir", "log_dir", "cache_dir")]
-        train_cfg = compose_experiment(cfg.preset, paths)
+        composed = compose_experiment(cfg.preset, paths)
+        # resolved as a checkpoint stores it (run dirs and names need a running Hydra app: not kept)
+        train_cfg = OmegaConf.create({key: OmegaConf.to_container(composed[key], resolve=True)
+                                      for key in ("model", "sampling", "data")} | {"run_name": cfg.preset})
         _patch_tokenizer(train_cfg, cfg.get("tokenizer_pretrained"))
         net = load_official(cfg.preset, path)
         tokenizer = instantiate_untrusted(train_cfg.model.tokenizer, "tokenizer", source, "model.tokenizer")

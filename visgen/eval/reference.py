@@ -89,7 +89,7 @@ def iter_npz_rows(path: str | Path, key: str, batch_rows: int) -> Iterator[np.nd
             data = stream.read(rows * row_bytes)
             if len(data) != rows * row_bytes:
                 raise ValueError(f"{path}: {key} ends after {start} of {shape[0]} rows (truncated file)")
-            yield np.frombuffer(data, dtype=dtype).reshape(rows, *shape[1:])
+            yield np.frombuffer(bytearray(data), dtype=dtype).reshape(rows, *shape[1:])  # writable: torch takes it
 
 
 def load_reference(path: str | Path, metrics: Sequence[str]) -> Reference:
