@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from visgen.sampling import balanced_labels, save_grid
 
-__all__ = ["RunCheckpoint", "SampleGrid"]
+__all__ = ["RunCheckpoint", "EveryNSteps", "SampleGrid"]
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -24,7 +24,25 @@ class RunCheckpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
 
 
-class SampleGrid(L.Callback):
+class EveryNSteps(L.Callback):
+    """Calls `self.run(trainer, pl_module, step)` once at every `every_n_steps`-th optimizer step (0: never)."""
+
+    every_n_steps: int = 0
+    _last_step: int = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        self.run(trainer, pl_module, step)
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Any:
+        raise NotImplementedError
+
+
+class SampleGrid(EveryNSteps):
     """Every `every_n_steps` optimizer steps, sample a class-balanced grid with the EMA net.
 
     The noise comes from a fixed-seed generator, so successive grids show the same draws improving
@@ -39,13 +57,8 @@ class SampleGrid(L.Callback):
         self.seed = seed
         self._last_step = -1
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:
-            return
-        self._last_step = step
-        self.write_grid(trainer, pl_module, step)
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Path | None:
+        return self.write_grid(trainer, pl_module, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step and trainer.global_step > 0:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import lightning as L
 import torch
@@ -25,13 +24,14 @@ from visgen.eval.inception import INCEPTION_SHA256, InceptionFeatures
 from visgen.eval.metrics import GaussianStats, frechet_distance_from_stats, inception_score
 from visgen.eval.reference import load_reference
 from visgen.eval.sample_job import ChunkPlan, postprocess
+from visgen.training.callbacks import EveryNSteps
 
 log = logging.getLogger(__name__)
 
 __all__ = ["OnlineFID"]
 
 
-class OnlineFID(L.Callback):
+class OnlineFID(EveryNSteps):
     """FID (and Inception Score) of `num_samples` EMA samples against a reference, every `every_n_steps` steps."""
 
     def __init__(self, reference: str, inception_weights: str, every_n_steps: int = 10_000,
@@ -49,7 +49,6 @@ class OnlineFID(L.Callback):
         self.seed, self.labels, self.quantize, self.precision = seed, labels, quantize, precision
         self.reference: GaussianStats | None = None
         self.inception: InceptionFeatures | None = None
-        self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the reference and weights before the first step, not after hours of training."""
@@ -57,12 +56,7 @@ class OnlineFID(L.Callback):
             self.reference = load_reference(self.reference_path, ["fid"]).stats["fid"]
             self.inception = InceptionFeatures(self.inception_weights, self.inception_sha256, spatial=False)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:
-            return
-        self._last_step = step
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         metrics = self.measure(trainer, pl_module)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
