@@ -29,6 +29,12 @@ and the last step from ``t1`` to ``t1 + last_step_size`` (``= 1``) is noise-free
 ``"Mean"`` step does not land exactly on the data distribution: for a Gaussian component it is an affine map of
 ``x_t1`` (see ``tests/diffusion/test_sde.py``, which checks samples against exactly that pushed-forward law).
 Classifier-free guidance and the guidance interval work as in ``samplers.py``.
+
+REPA's published sampler (sihyun-yu/REPA ``samplers.euler_maruyama_sampler``, ``generate.py --mode sde``) is this
+one in visgen's time: its grid ``linspace(1, 0.04, 250)`` in its t = 1 noise time is ``1 - linspace(0, 0.96, 250)``,
+its diffusion ``2 t`` and drift ``v - t s`` are ``w = sigma_t = 1 - t`` here (``diffusion_form="sigma"``), its last
+step from 0.04 to 0 is ``"Mean"``, and its guidance interval ``t <= 0.7`` is ``[0.3, 1]`` here. It keeps the state
+in float64 and calls the net in the net's dtype: ``state_dtype="float64"`` (``conf/sampling/repa_sde.yaml``).
 """
 
 from __future__ import annotations
@@ -61,8 +67,12 @@ class SDESampler(FlowSampler):
         diffusion_norm: float = 1.0,
         last_step: str | None = "Mean",
         last_step_size: float = 0.04,
+        state_dtype: str | None = None,
     ) -> None:
-        """Store and validate SiT's SDE settings (Hydra-instantiable; defaults are SiT's published ones)."""
+        """Store and validate SiT's SDE settings (Hydra-instantiable; defaults are SiT's published ones).
+
+        `state_dtype` ("float64", REPA's) keeps x, the noise and the conversions in that dtype while the net runs
+        in its parameters' dtype; None keeps everything in the prior's dtype (SiT)."""
         _check_positive_int("num_steps", num_steps)
         if num_steps < 2:
             raise ValueError(f"num_steps must be >= 2 (a grid of num_steps times from t0 to t1), got {num_steps}")
@@ -76,12 +86,16 @@ class SDESampler(FlowSampler):
         last_step_size = 0.0 if last_step is None else float(last_step_size)  # SiT: no last step, no gap
         if not 0.0 <= last_step_size < 1.0:
             raise ValueError(f"last_step_size must lie in [0, 1), got {last_step_size}")
+        state = None if state_dtype is None else getattr(torch, str(state_dtype), None)
+        if state_dtype is not None and not (isinstance(state, torch.dtype) and state.is_floating_point):
+            raise ValueError(f"sampling.state_dtype={state_dtype!r} is not a torch floating dtype (e.g. float64)")
         super().__init__(cfg_scale, guidance_interval, guided_channels, interpolant)
         self.num_steps = num_steps
         self.diffusion_form = diffusion_form
         self.diffusion_norm = diffusion_norm
         self.last_step = last_step
         self.last_step_size = last_step_size
+        self.state_dtype = state
         t0, t1 = self.interval()
         if not t0 < t1:
             raise ValueError(f"empty SDE interval ({t0}, {t1}): last_step_size or sample_eps is too large")
@@ -93,7 +107,7 @@ class SDESampler(FlowSampler):
             f"guidance_interval={self.guidance_interval}, guided_channels={self.guided_channels}, "
             f"interpolant={self.interpolant!r}, diffusion_form={self.diffusion_form!r}, "
             f"diffusion_norm={self.diffusion_norm}, last_step={self.last_step!r}, "
-            f"last_step_size={self.last_step_size})"
+            f"last_step_size={self.last_step_size}, state_dtype={self.state_dtype})"
         )
 
     @property
@@ -116,6 +130,14 @@ class SDESampler(FlowSampler):
         """w(t) of the configured form, shaped (B, 1, ..., 1) to broadcast against x (B, C, ...)."""
         t_vec = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)  # (B,)
         return self.interpolant.diffusion(broadcast_time(t_vec, x), self.diffusion_form, self.diffusion_norm)
+
+    def output(self, net: Net, x: Tensor, t: float, labels: Tensor) -> Tensor:
+        """Guided net output (B, C, ...) in x's dtype; a `state_dtype` state is cast to the net's dtype for the call
+        (REPA: model(x.to(float32), t.to(float32)).to(float64))."""
+        if self.state_dtype is None or x.dtype != self.state_dtype:
+            return super().output(net, x, t, labels)
+        net_dtype = next((p.dtype for p in getattr(net, "parameters", tuple)()), torch.get_default_dtype())
+        return super().output(net, x.to(net_dtype), t, labels).to(x.dtype)  # (B, C, ...)
 
     def velocity_and_score(self, net: Net, x: Tensor, t: float, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Guided velocity and score at scalar time t from one (batched-CFG) network call, each (B, C, ...)."""
@@ -165,8 +187,11 @@ class SDESampler(FlowSampler):
     ) -> Tensor:
         """Sample (B, *latent_shape): x ~ N(0, I), then all noise, drawn with `generator` on labels' device."""
         x = self.prior(net, labels, latent_shape, generator, dtype)  # (B, *latent_shape)
+        out_dtype = x.dtype
+        if self.state_dtype is not None:
+            x = x.to(self.state_dtype)  # REPA: the float32 prior, then float64 from there on
         times = self.timesteps().tolist()
         dt = times[1] - times[0]
         for t in times[:-1]:
             x = self.step(net, x, t, dt, labels, generator)  # (B, *latent_shape)
-        return self.final_step(net, x, times[-1], labels)  # (B, *latent_shape)
+        return self.final_step(net, x, times[-1], labels).to(out_dtype)  # (B, *latent_shape)

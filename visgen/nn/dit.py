@@ -109,10 +109,20 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x (B, C, H, W), t (B,) time as the paradigm defines it, y (B,) labels -> (B, C_out, H, W)."""
+        return self.forward_with_hidden(x, t, y)[0]
+
+    def forward_with_hidden(
+        self, x: Tensor, t: Tensor, y: Tensor, hidden_depth: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The output (B, C_out, H, W) and the tokens (B, L, D) after block `hidden_depth` (1-based; None: no
+        tokens). REPA aligns those tokens with a frozen encoder's features, in the same forward pass."""
         tokens = self.x_embedder(x) + self.pos_embed  # (B, L, D)
         c = self.t_embedder(t * self.time_scale if self.time_scale != 1.0 else t)  # (B, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, self.training)  # (B, D)
-        for block in self.blocks:
+        hidden = None
+        for depth, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, c)  # (B, L, D)
-        return self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)
+            if depth == hidden_depth:
+                hidden = tokens  # (B, L, D)
+        return self.unpatchify(self.final_layer(tokens, c)), hidden  # (B, C_out, H, W), (B, L, D) | None
