@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE := offline
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo demo-vq test lint bench clean-demo
+.PHONY: install demo demo-vq demo-repa test lint bench clean-demo
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ demo-vq: install
 	$(PY) -m visgen.data.builtin --out-dir data/digits
 	$(PY) train.py experiment=demo_vq ckpt_path=last
 	$(PY) -m visgen.tokenizers.reconstruction --tokenizer logs/demo_vq/tokenizer.safetensors --data-dir data/digits --out logs/demo_vq/reconstruction.json
+
+# REPA on the digits: a label-free SimCLR encoder (trained once, cached in .cache/), then demo_repa, sampling and
+# evaluation exactly as `make demo` (README "REPA on the digits" compares the two).
+demo-repa: install
+	$(PY) -m visgen.data.builtin --out-dir data/digits
+	$(PY) -m visgen.encoders.digits --train-shards 'data/digits/digits-train-{000000..000009}.tar' --cache-dir .cache
+	$(PY) train.py experiment=demo_repa ckpt_path=last
+	$(PY) evaluate.py ckpt=logs/demo_repa/checkpoints/last.ckpt num_samples=1000 precision=bf16 out_dir=logs/demo_repa/eval/demo overwrite=true
 
 test: install
 	$(PY) -m pytest -q tests
