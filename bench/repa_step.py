@@ -2,7 +2,8 @@
 
     python bench/repa_step.py                       # REPA-SiT-B/2 on 32x32x4 latents + DINOv2-B/14 on 256 px, batch 8
     python bench/repa_step.py --net XL/2 --batch 32 --encoder l
-    python bench/repa_step.py --demo                # demo_repa's net and the SimCLR digits encoder
+    python bench/repa_step.py --demo --batch 32     # demo_repa's net and the SimCLR digits encoder
+    python bench/repa_step.py --batch 2 --steps 2 --warmup 1   # on a CPU
 
 Rows per precision: SiT's step alone (flow loss, no projector), REPA's full step (encoder forward + flow loss +
 projector + alignment loss), REPA's step with the encoder features given (what precomputed features would cost),
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--demo", action="store_true", help="demo_repa's net and digits encoder instead")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
@@ -113,13 +115,13 @@ def main() -> None:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         sit = seconds_per_call(train_step(lambda: module.interpolant.training_loss(net, batch["latents"],
                                                                                   batch["labels"]), autocast),
-                               device, args.steps)
-        repa = seconds_per_call(train_step(lambda: module.loss(net, batch), autocast), device, args.steps)
+                               device, args.steps, args.warmup)
+        repa = seconds_per_call(train_step(lambda: module.loss(net, batch), autocast), device, args.steps, args.warmup)
         with torch.no_grad(), autocast:
             features = module.encoder_features(batch["images"])
-            encode = seconds_per_call(lambda: module.encoder_features(batch["images"]), device, args.steps)
-        module.encoder_features = lambda images: features  # precomputed: the step without the encoder forward
-        given = seconds_per_call(train_step(lambda: module.loss(net, batch), autocast), device, args.steps)
+            encode = seconds_per_call(lambda: module.encoder_features(batch["images"]), device, args.steps, args.warmup)
+        module.encoder_features = lambda images, given=features: given  # precomputed: no encoder forward
+        given = seconds_per_call(train_step(lambda: module.loss(net, batch), autocast), device, args.steps, args.warmup)
         del module.encoder_features
         table.add_row("bf16-mixed" if bf16 else "fp32", f"{sit:.3f}", f"{repa:.3f}", f"{given:.3f}", f"{encode:.3f}",
                       f"{encode / sit:.0%}")
