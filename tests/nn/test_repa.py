@@ -70,6 +70,7 @@ def test_preset_carries_repas_recipe():
                                                                                            "constant", 0)
     assert (cfg.data.batch_global, cfg.data.random_flip, cfg.model.ema_decay, cfg.model.proj_coeff) == (256, False,
                                                                                                      0.9999, 0.5)
+    assert cfg.data._target_.endswith("CachedDataModule") and cfg.data.keep_image  # the cache's crop, no flips
     assert (cfg.trainer.gradient_clip_val, cfg.trainer.max_steps) == (1.0, 4_000_000)
     s = cfg.sampling
     assert s._target_ == "visgen.diffusion.sde.SDESampler"
