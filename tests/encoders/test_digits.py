@@ -55,4 +55,4 @@ def test_the_encoder_trains_once_without_labels_and_is_then_read_from_the_cache(
         tokens = encoder(images)
     assert tokens.shape == (2, 64, 64) and tokens.dtype == torch.float32 and encoder.token_grid == 8
     torch.testing.assert_close(tokens, again(images))
-    assert list(encoder.parameters()) == [] and not encoder.model.training
+    assert list(encoder.parameters()) == [] and not encoder.frozen_net.training

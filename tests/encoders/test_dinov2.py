@@ -44,7 +44,7 @@ def test_hub_and_timm_files_load_to_the_same_encoder_with_repas_resampled_positi
     hub = build(files["root"] / "dinov2_vits14_pretrain.pth")
     from_dir = build(files["root"] / "timm")  # an `hf download --local-dir` directory
     expected = resample_abs_pos_embed(files["state"]["pos_embed"], [16, 16])  # REPA's call: bicubic, antialias
-    torch.testing.assert_close(hub.model.pos_embed, expected, rtol=0, atol=0)
+    torch.testing.assert_close(hub.frozen_net.pos_embed, expected, rtol=0, atol=0)
     images = torch.rand(2, 3, 256, 256) * 2 - 1
     tokens = hub(images)
     assert tokens.shape == (2, 256, 48) and hub.token_grid == 16 and hub.embed_dim == 48
@@ -58,7 +58,7 @@ def test_features_are_the_normed_patch_tokens_of_repas_preprocessing(files):
     x = ((images + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
         [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     x = F.interpolate(x, 224, mode="bicubic")  # REPA: normalise, then resize to 224
-    expected = encoder.model.forward_features(x)[:, 1:]  # x_norm_patchtokens: no class token
+    expected = encoder.frozen_net.forward_features(x)[:, 1:]  # x_norm_patchtokens: no class token
     torch.testing.assert_close(encoder(images), expected)
     with pytest.raises(ValueError, match=r"expected \(B, 3, 256, 256\)"):
         encoder(torch.zeros(1, 3, 224, 224))
@@ -68,9 +68,9 @@ def test_the_encoder_is_frozen_and_invisible_to_state_dict_and_parameters(files)
     path = files["root"] / "dinov2_vits14_pretrain.pth"
     encoder = build(path)
     assert list(encoder.parameters()) == [] and encoder.state_dict() == {}
-    assert all(not p.requires_grad for p in encoder.model.parameters())
+    assert all(not p.requires_grad for p in encoder.frozen_net.parameters())
     encoder.train()
-    assert not encoder.model.training
+    assert not encoder.frozen_net.training
     images = torch.rand(1, 3, 256, 256, requires_grad=True)
     assert not encoder(images).requires_grad  # no graph: no gradient can reach it
     assert encoder.id == "dinov2-vits14@sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]

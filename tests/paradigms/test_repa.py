@@ -31,7 +31,7 @@ class PatchEncoder(AlignmentEncoder):
         return images
 
     def patch_tokens(self, inputs: Tensor) -> Tensor:
-        return self.model(inputs).flatten(2).transpose(1, 2)  # (B, N, D)
+        return self.frozen_net(inputs).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
 def build_module(net: nn.Module | None = None, encoders: list[AlignmentEncoder] | None = None, **kwargs) -> REPA:
@@ -87,21 +87,21 @@ def test_the_encoder_is_frozen_outside_the_optimizer_and_the_checkpoint():
     module = build_module()
     encoder = module.encoders[0]
     module.train()
-    assert not encoder.model.training and encoder.training  # the wrapper follows, the network stays in eval
+    assert not encoder.frozen_net.training and encoder.training  # the wrapper follows, the network stays in eval
     loss = module.loss(module.net, a_batch()).mean()
     loss.backward()
-    assert all(p.grad is None and not p.requires_grad for p in encoder.model.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in encoder.frozen_net.parameters())
     assert module.net.projectors[0][0].weight.grad is not None  # the projector does learn
     optimized = {id(p) for group in module.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in module.net.parameters() if p.requires_grad}
-    assert not optimized & {id(p) for p in encoder.model.parameters()}
+    assert not optimized & {id(p) for p in encoder.frozen_net.parameters()}
     assert not any(k.startswith("encoders") for k in module.state_dict())
     assert set(module.state_dict()) == {f"{prefix}.{k}" for prefix in ("net", "ema") for k in module.net.state_dict()}
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["visgen"]["alignment_encoders"] == ["patch-test@sha256:0000000000000000"]
     module.to(torch.float64)  # the hidden network still follows .to()
-    assert encoder.model.weight.dtype == torch.float64
+    assert encoder.frozen_net.weight.dtype == torch.float64
 
 
 def test_mismatched_nets_encoders_and_batches_are_refused_naming_the_setting():

@@ -10,43 +10,26 @@ the file's SHA-256) is what checkpoints record instead.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AlignmentEncoder", "file_sha256"]
+from visgen.nn.frozen import FrozenHolder
+
+__all__ = ["AlignmentEncoder"]
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes, read in 16 MiB blocks (a DINOv2-G file is 1.1 GB)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class AlignmentEncoder(nn.Module, ABC):
+class AlignmentEncoder(FrozenHolder, ABC):
     """A frozen encoder: (B, 3, H, W) images in [-1, 1] -> (B, N, embed_dim) patch features, no gradient."""
 
     def __init__(self, model: nn.Module, embed_dim: int, name: str, weights_sha256: str, image_size: int) -> None:
         super().__init__()
-        # Not a registered submodule (as the SD-VAE tokenizer): invisible to state_dict(), parameters() and the
-        # optimizer; `_apply` and `train` below keep it on the module's device and in eval mode.
-        object.__setattr__(self, "_model", model.requires_grad_(False).eval())
+        self._hold(model)  # unregistered: out of state_dict(), parameters() and the optimizer (visgen.nn.frozen)
         self.embed_dim = int(embed_dim)
         self.name = name
         self.weights_sha256 = weights_sha256
         self.image_size = int(image_size)
-
-    @property
-    def model(self) -> nn.Module:
-        """The frozen network (not a registered submodule; see __init__)."""
-        return self._model
 
     @property
     def id(self) -> str:
@@ -55,18 +38,6 @@ class AlignmentEncoder(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"id={self.id!r}, embed_dim={self.embed_dim}, image_size={self.image_size}, grid={self.token_grid}"
-
-    def _apply(self, fn: Any, recurse: bool = True) -> AlignmentEncoder:
-        """Forward .to(device/dtype), .float(), ... to the unregistered network as to a child."""
-        if recurse:
-            self._model._apply(fn)
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True) -> AlignmentEncoder:
-        """The network stays in eval mode whatever the parent does (REPA: encoder.eval())."""
-        super().train(mode)
-        self._model.eval()
-        return self
 
     @property
     @abstractmethod

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from visgen.encoders.base import AlignmentEncoder, file_sha256
+from visgen.data.cached import file_sha256
+from visgen.encoders.base import AlignmentEncoder
 
 __all__ = ["DigitsCNN", "DigitsEncoder", "augment", "load_or_train_digits_encoder", "nt_xent_loss",
            "train_digits_encoder"]
@@ -169,7 +170,7 @@ class DigitsEncoder(AlignmentEncoder):
     def patch_tokens(self, inputs: Tensor) -> Tensor:
         """The 8 × 8 grid's features, in fp32 under any autocast (bf16 made this small CNN slower on CPU)."""
         with torch.autocast(inputs.device.type, enabled=False):
-            return self.model(inputs.float())  # (B, 64, 64)
+            return self.frozen_net(inputs.float())  # (B, 64, 64)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor
 
-from visgen.encoders.base import AlignmentEncoder, file_sha256
+from visgen.data.cached import file_sha256
+from visgen.encoders.base import AlignmentEncoder
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ class DINOv2Encoder(AlignmentEncoder):
 
     def patch_tokens(self, inputs: Tensor) -> Tensor:
         """DINOv2's `x_norm_patchtokens`: the normed tokens without class and register tokens."""
-        tokens = self.model.forward_features(inputs)  # (B, prefix + N, D)
-        return tokens[:, self.model.num_prefix_tokens:]  # (B, N, D)
+        tokens = self.frozen_net.forward_features(inputs)  # (B, prefix + N, D)
+        return tokens[:, self.frozen_net.num_prefix_tokens:]  # (B, N, D)
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:

@@ -16,6 +16,8 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from visgen.nn.frozen import FrozenHolder
+
 
 class Tokenizer(nn.Module, ABC):
     """Images in [-1, 1] <-> normalised latents (continuous) or codes (discrete)."""
@@ -72,37 +74,9 @@ class PixelTokenizer(Tokenizer):
         return latents.clamp(-1, 1)
 
 
-class FrozenNetTokenizer(Tokenizer):
-    """Base for tokenizers around a frozen network that checkpoints must not carry.
-
-    The network lives in `__dict__`, not as a registered submodule: invisible to `state_dict()`,
-    `parameters()` and the EMA, because a frozen autoencoder copied into every generator checkpoint
-    would be pure waste: it is reloaded from its file and `id` records which weights were used.
-    `_apply` and `train` forward `.to()` / `.float()` / `.eval()` so it still follows its parent
-    across devices and stays in eval mode.
-    """
-
-    def _hold(self, net: nn.Module) -> nn.Module:
-        """Keep `net` frozen, in eval mode and out of the module tree."""
-        net = net.requires_grad_(False).eval()
-        object.__setattr__(self, "_frozen_net", net)
-        return net
-
-    @property
-    def frozen_net(self) -> nn.Module:
-        """The held network."""
-        return self._frozen_net
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        if recurse:
-            self._frozen_net._apply(fn)
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True) -> FrozenNetTokenizer:
-        """The held network stays in eval mode whatever the parent does."""
-        super().train(mode)
-        self._frozen_net.eval()
-        return self
+class FrozenNetTokenizer(FrozenHolder, Tokenizer):
+    """Base for tokenizers around a frozen network that checkpoints must not carry (`visgen.nn.frozen`): the
+    autoencoder is reloaded from its file and `id` records which weights were used."""
 
     @staticmethod
     def own_precision(x: Tensor) -> torch.autocast | nullcontext:
