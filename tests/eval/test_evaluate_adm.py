@@ -36,10 +36,10 @@ def reference(tmp_path_factory) -> Path:
 def test_metrics_adm_scores_the_samples_and_writes_the_protocol_card(tmp_path, tiny_checkpoint, digits_dir,
                                                                      inception_weights, reference) -> None:
     out = tmp_path / "eval"
-    common = [f"ckpt={tiny_checkpoint}", "num_samples=10", "batch_size=5", f"out_dir={out}",
+    common = [f"ckpt={tiny_checkpoint}", "num_samples=4", "batch_size=4", f"out_dir={out}",
               f"paths.cache_dir={digits_dir / 'cache'}", "metrics=adm", f"metrics.reference={reference}",
               f"metrics.inception_weights={inception_weights}", "metrics.inception_sha256=null", "labels=uniform",
-              "quantize=floor", "seed=3"]
+              "quantize=floor", "seed=3", "metrics.is_splits=2"]
     metrics = evaluate(compose_eval(*common))
     written = json.loads((out / "metrics.json").read_text())
     for key in ("fid", "sfid", "inception_score", "precision", "recall", "classifier_accuracy"):
@@ -51,14 +51,13 @@ def test_metrics_adm_scores_the_samples_and_writes_the_protocol_card(tmp_path, t
     assert metrics["fid"] == pytest.approx(expected, rel=1e-9)
     # samples: ADM layout, uniform labels from the chunks' generators
     samples = np.load(out / "samples.npz")
-    plan = ChunkPlan(10, 5, 3, 10, "uniform")
-    assert samples["arr_1"].tolist() == torch.cat([plan.labels_of(0), plan.labels_of(1)]).tolist()
+    assert samples["arr_1"].tolist() == ChunkPlan(4, 4, 3, 10, "uniform").labels_of(0).tolist()
     card = written["protocol"]
     assert card["model"]["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
     assert (card["model"]["weights"], card["model"]["tokenizer"]) == ("EMA", "pixel")
     assert card["samples"] | {"resize": None} == {
-        "num_samples": 10, "labels": "uniform", "num_classes": 10, "quantize": "floor", "resize": None,
-        "image_size": 32, "seed": 3, "batch_size_per_rank": 5, "world_size": 1, "dtype": "fp32", "tf32": False}
+        "num_samples": 4, "labels": "uniform", "num_classes": 10, "quantize": "floor", "resize": None,
+        "image_size": 32, "seed": 3, "batch_size_per_rank": 4, "world_size": 1, "dtype": "fp32", "tf32": False}
     assert card["sampler"]["class"] == "ODESampler" and card["sampler"]["num_steps"] == 4
     assert card["reference"]["sha256"] == hashlib.sha256(reference.read_bytes()).hexdigest()
     assert "inception-v3-compat" in card["feature_extractors"]["inception"]
@@ -91,7 +90,7 @@ def test_an_official_file_evaluates_with_its_preset(tmp_path, digits_dir) -> Non
     path = tmp_path / "demo_sit.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     out = tmp_path / "official"
-    metrics = evaluate(compose_eval(f"ckpt={path}", "preset=demo_sit", "num_samples=10", "batch_size=10",
+    metrics = evaluate(compose_eval(f"ckpt={path}", "preset=demo_sit", "num_samples=2", "batch_size=2",
                                     f"out_dir={out}", f"paths.data_dir={digits_dir}",
                                     f"paths.cache_dir={digits_dir / 'cache'}"))
     card = metrics["protocol"]["model"]

@@ -28,7 +28,7 @@ def tiny_shards(tmp_path_factory) -> str:
 
 
 def test_reference_from_shards_holds_the_statistics_of_every_image(tiny_shards, inception_weights, tmp_path) -> None:
-    out = compute_reference(tiny_shards, 16, tmp_path / "ref.npz", inception_weights, keep_images=4, batch_size=2,
+    out = compute_reference(tiny_shards, 16, tmp_path / "ref.npz", inception_weights, keep_images=4, batch_size=3,
                             num_workers=0, inception_sha256=None)
     images, labels = load_all(tiny_shards, 16)  # (5, 3, 16, 16): the same stream, in order
     feats = InceptionFeatures(inception_weights, expected_sha256=None)(images)
@@ -42,10 +42,18 @@ def test_reference_from_shards_holds_the_statistics_of_every_image(tiny_shards, 
         assert data["arr_1"].tolist() == labels[:4].tolist()
     assert reference.num_images == 4 and reference.meta["num_images"] == 5
     assert "inception-v3-compat" in reference.meta["extractors"]["inception"]
-    # precision/recall features of arr_0, cached by (file, weights) hash
-    inception = InceptionFeatures(inception_weights, expected_sha256=None)
-    cached = reference_features(reference, inception, tmp_path / "cache", batch_size=2)
-    assert torch.allclose(cached, feats["pool"][:4], atol=1e-5)
+    # precision/recall features of arr_0 (a stand-in extractor here), computed once, then read from the cache
+    class StandIn:
+        sha256, calls = "0" * 64, 0
+
+        def __call__(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            StandIn.calls += 1
+            return {"pool": rows.float().mean((2, 3))}  # (n, 3)
+
+    for _ in range(2):
+        cached = reference_features(reference, StandIn(), tmp_path / "cache", batch_size=3)
+        assert torch.equal(cached, images[:4].float().mean((2, 3)))
+    assert StandIn.calls == 2  # 4 rows in batches of 3, the second time from the cache
     assert len(list((tmp_path / "cache" / "reference_features").glob("*.npy"))) == 1
     with pytest.raises(FileExistsError, match="--overwrite"):
         compute_reference(tiny_shards, 16, out, inception_weights, inception_sha256=None)

@@ -34,21 +34,22 @@ def test_online_fid_is_logged_from_the_ema_every_n_steps(tmp_path: Path, digits_
     run = tmp_path / "run"
     cfg = compose_train(run, digits_dir, "trainer.max_steps=8", "callbacks=online_fid",
                         "callbacks.online_fid._target_=tests.training.test_online_fid.RecordingOnlineFID",
-                        "callbacks.online_fid.every_n_steps=8", "callbacks.online_fid.num_samples=10",
-                        "callbacks.online_fid.batch_size=5", f"callbacks.online_fid.reference={tmp_path / 'ref.npz'}",
+                        "callbacks.online_fid.every_n_steps=8", "callbacks.online_fid.num_samples=4",
+                        "callbacks.online_fid.batch_size=4", "callbacks.online_fid.is_splits=2",
+                        f"callbacks.online_fid.reference={tmp_path / 'ref.npz'}",
                         f"callbacks.online_fid.inception_weights={weights}",
                         "callbacks.online_fid.inception_sha256=null")
     RecordingOnlineFID.calls = []
     train(cfg)
     assert [(step, rng_untouched) for step, rng_untouched, _ in RecordingOnlineFID.calls] == [(8, True)]
     rows = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
-    logged = [r for r in rows if r.get("online/fid10")]
+    logged = [r for r in rows if r.get("online/fid4")]
     assert len(logged) == 1 and logged[0]["step"] == "8"
-    fid, is_mean = float(logged[0]["online/fid10"]), float(logged[0]["online/is10"])
-    assert fid == pytest.approx(RecordingOnlineFID.calls[0][2]["online/fid10"]) and fid > 0
-    assert 1.0 <= is_mean <= 10.0  # at most the number of samples per split... and never below 1
+    fid, is_mean = float(logged[0]["online/fid4"]), float(logged[0]["online/is4"])
+    assert fid == pytest.approx(RecordingOnlineFID.calls[0][2]["online/fid4"]) and fid > 0
+    assert 1.0 <= is_mean <= 2.0  # between 1 and the 2 samples of each split
 
 
 def test_online_fid_refuses_too_few_samples() -> None:
-    with pytest.raises(ValueError, match="at least 10 samples"):
+    with pytest.raises(ValueError, match="need more samples"):
         OnlineFID(reference="r.npz", inception_weights="w.pth", num_samples=5)

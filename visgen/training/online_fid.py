@@ -37,16 +37,17 @@ class OnlineFID(EveryNSteps):
     def __init__(self, reference: str, inception_weights: str, every_n_steps: int = 10_000,
                  num_samples: int = 10_000, batch_size: int = 64, seed: int = 0, labels: str = "balanced",
                  quantize: str = "round_half_up", precision: str = "bf16",
-                 inception_sha256: str | None = INCEPTION_SHA256) -> None:
+                 inception_sha256: str | None = INCEPTION_SHA256, is_splits: int = 10) -> None:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"callbacks.online_fid.precision={precision!r} is not one of fp32, bf16")
-        if num_samples < 10:
-            raise ValueError(f"callbacks.online_fid.num_samples={num_samples}: the Inception Score's 10 splits need "
-                             "at least 10 samples (10,000 is the default)")
+        if num_samples < max(is_splits, 2):
+            raise ValueError(f"callbacks.online_fid.num_samples={num_samples}: the Inception Score's {is_splits} "
+                             "splits and a covariance need more samples (10,000 is the default)")
         self.reference_path, self.inception_weights, self.inception_sha256 = reference, inception_weights, (
             inception_sha256)
         self.every_n_steps, self.num_samples, self.batch_size = every_n_steps, num_samples, batch_size
         self.seed, self.labels, self.quantize, self.precision = seed, labels, quantize, precision
+        self.is_splits = is_splits
         self.reference: GaussianStats | None = None
         self.inception: InceptionFeatures | None = None
 
@@ -93,7 +94,7 @@ class OnlineFID(EveryNSteps):
         mu = total / self.num_samples
         sigma = (outer - self.num_samples * torch.outer(mu, mu)) / (self.num_samples - 1)
         fid = frechet_distance_from_stats(GaussianStats(mu.cpu().numpy(), sigma.cpu().numpy()), self.reference)
-        is_mean, _ = inception_score(logits.cpu(), splits=10)
+        is_mean, _ = inception_score(logits.cpu(), splits=self.is_splits)
         count = f"{self.num_samples // 1000}k" if self.num_samples % 1000 == 0 else str(self.num_samples)
         log.debug("online FID took %.1f s", time.perf_counter() - start)
         return {f"online/fid{count}": fid, f"online/is{count}": is_mean}
