@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visgen.eval.inception import check_uint8_images, exact_float32, file_sha256
+from visgen.data.cached import file_sha256
+from visgen.eval.inception import check_uint8_images, exact_float32
+from visgen.official import read_checkpoint
 
 __all__ = ["DINOv2Features", "DINOV2_MODEL", "hub_position_table"]
 
@@ -46,18 +48,6 @@ def hub_position_table(pos_embed: Tensor, grid_size: int) -> Tensor:
     return torch.cat([table[:, :1], patches], dim=1).to(pos_embed.dtype)
 
 
-def _read_state(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"DINOv2 weights {path} are not a flat state dict (official dinov2_vitl14_pretrain.pth or "
-                         "timm's model.safetensors)")
-    return state
-
-
 class DINOv2Features(nn.Module):
     """edm2's FD-DINOv2 feature: the CLS token of DINOv2 at 224 px, from a local weights file."""
 
@@ -70,7 +60,7 @@ class DINOv2Features(nn.Module):
             raise FileNotFoundError(f"DINOv2 weights {path} do not exist; set metrics.dinov2_weights to the official "
                                     "dinov2_vitl14_pretrain.pth or timm's vit_large_patch14_dinov2 model.safetensors")
         self.net = timm.create_model(model_name, pretrained=False, img_size=IMAGE_SIZE, num_classes=0)
-        state = _read_state(path)
+        state = {k: v for k, v in read_checkpoint(path).items() if isinstance(v, Tensor)}  # safetensors or weights-only
         state.pop("mask_token", None)  # the hub model's masked-image-modelling token: unused at inference
         grid = IMAGE_SIZE // self.net.patch_embed.patch_size[0]
         if "pos_embed" in state:

@@ -25,11 +25,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from visgen.data.cached import file_sha256
 from visgen.diffusion.guidance import Autoguided
 from visgen.errors import ConfigValueError, MissingInputError, OutputExistsError
 from visgen.eval.checkpoint import checkpoint_config, load_checkpoint, load_net, load_tokenizer
 from visgen.eval.distributed import Ranks, setup_ranks
-from visgen.eval.inception import file_sha256
 from visgen.eval.protocol import print_card, sampler_summary, software_versions
 from visgen.eval.sample_job import LABEL_PROTOCOLS, QUANTIZATIONS, ChunkPlan, SampleJob, postprocess
 from visgen.eval.scoring import build_extractors, metric_names, score

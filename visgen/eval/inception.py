@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InceptionFeatures", "INCEPTION_WEIGHTS_FILE", "INCEPTION_SHA256", "exact_float32", "file_sha256"]
+__all__ = ["InceptionFeatures", "INCEPTION_WEIGHTS_FILE", "INCEPTION_SHA256", "exact_float32", "check_uint8_images"]
 
 #: The file users supply (torch-fidelity's release asset; pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`
 #: holds the same bytes).
@@ -40,15 +40,6 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 #: independent projects pin for this file and for pytorch-fid's copy.
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 SPATIAL_CHANNELS = 7  # ADM evaluator: spatial[..., :7]
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
-    """Hex SHA-256 of a file, read in chunks (checkpoints and reference batches are gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from visgen.data.cached import file_sha256
 from visgen.eval.distributed import Ranks, setup_ranks
-from visgen.eval.inception import INCEPTION_SHA256, InceptionFeatures, file_sha256
+from visgen.eval.inception import INCEPTION_SHA256, InceptionFeatures
 from visgen.eval.metrics import GaussianStats
 from visgen.eval.sample_job import write_npz
 
