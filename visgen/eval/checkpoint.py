@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from visgen.eval.sharded import UnsafeCheckpointError, is_sharded_checkpoint, load_sharded_checkpoint
 from visgen.tokenizers.base import Tokenizer
 from visgen.untrusted import UntrustedFileError, instantiate_untrusted, load_torch_file
 
@@ -33,11 +34,18 @@ CHECKPOINT_LAYOUT = ("a visgen training checkpoint: the .ckpt file train.py writ
                      "(e.g. last.ckpt), a torch zip holding 'state_dict' and 'visgen' entries")
 
 
-def load_checkpoint(path: str | Path, what: str = "ckpt=", mmap: bool = False) -> dict[str, Any]:
-    """Load a visgen `.ckpt` on the CPU, weights-only (no pickled code runs); anything else is an
-    `UntrustedFileError` naming the file (`what` is the option that named it, e.g. "guide_ckpt=")."""
+def load_checkpoint(path: str | Path, what: str = "ckpt=", mmap: bool = False, weights: bool = True) -> dict[str, Any]:
+    """Load a visgen `.ckpt` file or sharded (DCP) checkpoint folder on the CPU without running pickled code;
+    anything else is an `UntrustedFileError` naming the file (`what` is the option that named it, e.g.
+    "guide_ckpt="). `weights=False` lets a sharded checkpoint skip its tensors (config and step only)."""
     path = Path(path)
-    checkpoint = load_torch_file(path, what, CHECKPOINT_LAYOUT, mmap=mmap)
+    if is_sharded_checkpoint(path):
+        try:
+            checkpoint = load_sharded_checkpoint(path, ("state_dict.",) if weights else ())
+        except UnsafeCheckpointError as err:
+            raise UntrustedFileError(f"{what}{path}: {err}") from err
+    else:
+        checkpoint = load_torch_file(path, what, CHECKPOINT_LAYOUT, mmap=mmap)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("visgen"), dict) or not isinstance(
             checkpoint.get("state_dict"), dict) or not isinstance(checkpoint["visgen"].get("config"), dict):
         found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__

@@ -133,7 +133,18 @@ class GenerativeModule(L.LightningModule):
 
     # ----- training ------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Compile the net in place (state-dict keys unchanged) when `model.compile=true`."""
+        """Shard the net and its EMA block by block under `trainer=fsdp` (same mesh, same policy, so EMA
+        updates stay shard-local), then compile the net in place when `model.compile=true` (state-dict keys
+        unchanged). Lightning calls this once per fit, after the processes exist."""
+        from visgen.training.fsdp import FSDP2Strategy, shard_net
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy) and not getattr(self, "_sharded", False):
+            shard_net(self.net, strategy.data_parallel_mesh, **strategy.shard_kwargs)
+            # The EMA computes in fp32 (it never trains; sampling grids then match evaluate.py's default fp32).
+            shard_net(self.ema, strategy.data_parallel_mesh, **{**strategy.shard_kwargs, "param_dtype": None,
+                                                                "activation_checkpointing": False})
+            self._sharded = True
         if self.compile_net and not getattr(self, "_compiled", False):
             self.net.compile()
             self._compiled = True
@@ -155,7 +166,10 @@ class GenerativeModule(L.LightningModule):
         """Log the total gradient norm before clipping (a cheap early warning of divergence)."""
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding this rank's partial norm
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Update the EMA once per optimizer step (not per micro-batch under accumulation)."""

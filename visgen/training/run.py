@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from visgen.errors import ConfigValueError, MissingInputError, UserError
+from visgen.eval.sharded import is_sharded_checkpoint
 
 __all__ = ["RunDirOccupiedError", "ResumeMismatchError", "resolve_resume", "check_resume_compatible",
            "collect_provenance", "write_run_files", "PACKAGES"]
@@ -45,7 +46,8 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p for p in ckpt_dir.glob("*.ckpt") if p.is_file() and not p.name.startswith("."))
+    return sorted(p for p in ckpt_dir.glob("*.ckpt") if (p.is_file() or is_sharded_checkpoint(p))
+                  and not p.name.startswith("."))
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -66,8 +68,9 @@ def resolve_resume(run_dir: Path, ckpt_path: str | None, refuse_occupied: bool =
         return newest_checkpoint(run_dir)
     if ckpt_path:
         path = Path(ckpt_path)
-        if not path.is_file():
-            raise MissingInputError(f"ckpt_path={ckpt_path!r} does not exist; pass a .ckpt file or ckpt_path=last")
+        if not (path.is_file() or is_sharded_checkpoint(path)):
+            raise MissingInputError(f"ckpt_path={ckpt_path!r} is neither a .ckpt file nor a sharded checkpoint "
+                                    "folder; pass one, or ckpt_path=last")
         return path
     if refuse_occupied and ((run_dir / RUN_MARKER).exists() or _checkpoints(run_dir)):
         raise RunDirOccupiedError(

@@ -8,11 +8,19 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from visgen.eval.checkpoint import load_checkpoint
+from visgen.training.launch import (
+    check_global_batch,
+    fill_devices_from_slurm,
+    hand_sigusr1_to_lightning,
+    refuse_local_multirun_with_subprocesses,
+    slurm_restart_count,
+)
 from visgen.training.run import (
     check_resume_compatible,
     collect_provenance,
@@ -36,13 +44,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=False)  # data workers seed themselves (seed, epoch, rank, worker)
     run_dir = Path(cfg.paths.run_dir)
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path is None and slurm_restart_count() > 0:
+        # A requeued SLURM job (preemption, time limit) continues its own run, whatever its command line says.
+        log.info("SLURM requeue %d of this job: resuming from the run dir's newest checkpoint", slurm_restart_count())
+        ckpt_path = "last"
     # Only rank 0 judges whether the run dir is occupied: other ranks may start after it wrote run.json.
-    resume_from = resolve_resume(run_dir, cfg.ckpt_path, refuse_occupied=rank_zero_only.rank == 0)
+    resume_from = resolve_resume(run_dir, ckpt_path, refuse_occupied=rank_zero_only.rank == 0)
+    with open_dict(cfg):
+        filled = fill_devices_from_slurm(cfg.trainer)
+    if filled:
+        log.info(filled)
     provenance = collect_provenance(cfg)
     if resume_from is not None:
         # Read weights-only (memory-mapped: no copy of a large file) and refuse a checkpoint of another run
         # before Lightning restores weights and optimizer from it.
-        checkpoint = load_checkpoint(resume_from, "ckpt_path=", mmap=True)
+        checkpoint = load_checkpoint(resume_from, "ckpt_path=", mmap=True, weights=False)
         if not cfg.resume_from_other_run:
             check_resume_compatible(checkpoint, f"ckpt_path={resume_from}", provenance["config"],
                                     provenance["experiment"])
@@ -66,10 +83,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.accumulate_grad_batches = accumulation
     else:  # manual optimisation (two-optimizer modules) accumulates itself; Lightning refuses it on the Trainer
         model.accumulate_grad_batches = accumulation
+    batch_line = check_global_batch(trainer, datamodule.batch_per_device, datamodule.batch_global, accumulation)
+    # Every rank says who it is, so a multi-node job's log shows that all ranks started (and where).
+    log.info("rank %d/%d (node %d, local rank %d)", trainer.global_rank, trainer.world_size, trainer.node_rank,
+             trainer.local_rank)
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        refuse_local_multirun_with_subprocesses(trainer, hydra_cfg.mode, hydra_cfg.launcher.get("_target_"))
+    hand_sigusr1_to_lightning()
     if trainer.is_global_zero:
         write_run_files(run_dir, provenance, resume_from)
         log.info("run dir: %s (%s)", run_dir, f"resuming from {resume_from}" if resume_from else "fresh start")
-        log.info("net parameters: %s; grad accumulation: %d", f"{sum(p.numel() for p in model.net.parameters()):,}",
-                 accumulation)
+        log.info("net parameters: %s; %s", f"{sum(p.numel() for p in model.net.parameters()):,}", batch_line)
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
