@@ -118,7 +118,7 @@ class AutoencoderTraining(GenerativeModule):
         self.is_vq = isinstance(net, VQAutoencoder)
         self._train_counts: Tensor | None = None  # code counts since the last usage log
         self._val_counts: Tensor | None = None
-        self._val_recon: list[Tensor] = []
+        self._val_recon: list[tuple[Tensor, Tensor]] = []  # (reconstructions uint8, labels) per val batch
         self._grid_images: Tensor | None = None  # fixed images whose reconstructions `sample` shows
         from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
@@ -328,8 +328,8 @@ class AutoencoderTraining(GenerativeModule):
         if codes is not None:
             counts = code_usage(codes, self.net.num_codes)
             self._val_counts = counts if self._val_counts is None else self._val_counts + counts
-        if self.val_digit_metrics:
-            self._val_recon.append(to_uint8(recon).cpu())
+        if self.val_digit_metrics:  # with the labels of this batch: the stream's order is not load_all's
+            self._val_recon.append((to_uint8(recon).cpu(), batch["label"].cpu()))
         if batch_idx == 0 and self.trainer.is_global_zero:
             self._grid_images = images[:32].detach().clone()
             pairs = torch.stack([to_uint8(images[:32]), to_uint8(recon[:32])], dim=1).flatten(0, 1)  # orig, recon
@@ -341,21 +341,21 @@ class AutoencoderTraining(GenerativeModule):
             counts = self.trainer.strategy.reduce(self._val_counts.float(), reduce_op="sum")
             self.log_dict(self._usage_metrics(counts, "val"), rank_zero_only=True)
         if self.val_digit_metrics and self._val_recon and self.trainer.is_global_zero:
-            self.log_dict(self._digit_metrics(torch.cat(self._val_recon)), rank_zero_only=True)
+            recon, labels = (torch.cat(parts) for parts in zip(*self._val_recon, strict=True))
+            self.log_dict(self._digit_metrics(recon, labels), rank_zero_only=True)
         self._val_recon = []
 
-    def _digit_metrics(self, recon_uint8: Tensor) -> dict[str, float]:
+    def _digit_metrics(self, recon_uint8: Tensor, labels: Tensor) -> dict[str, float]:
         """The digit classifier's accuracy and FID on reconstructions of the validation digits (rank 0's share)."""
         from visgen.data.stream import load_all
         from visgen.eval.classifier import load_or_train_digit_classifier
         from visgen.eval.metrics import classifier_metrics
 
         data = self.trainer.datamodule
-        val_images, val_labels = load_all(data.val_shards, data.image_size)
+        val_images, _ = load_all(data.val_shards, data.image_size)
         cache = Path(self.cache_dir or ".cache")
         classifier = load_or_train_digit_classifier(data.train_shards, data.val_shards, cache)
-        n = min(len(recon_uint8), len(val_images))
-        metrics = classifier_metrics(classifier, recon_uint8[:n], val_labels[:n], val_images)
+        metrics = classifier_metrics(classifier, recon_uint8, labels, val_images)
         return {f"val/recon_{k}": v for k, v in metrics.items()}
 
     @torch.no_grad()
