@@ -139,3 +139,24 @@ def test_kl_autoencoder_trains_with_its_kl_term(tmp_path: Path):
     recon, reg, parts, codes = module._reconstruct(module.net, torch.zeros(2, 3, 16, 16))
     assert codes is None and parts["kl"] > 0 and reg.item() == pytest.approx(1e-6 * parts["kl"].item())
     assert module.export(tmp_path).joinpath("config.json").is_file()  # a diffusers AutoencoderKL directory
+
+
+def test_rfid_is_the_frechet_distance_of_all_validation_reconstructions(tmp_path: Path):
+    from tests.eval.fakes import write_random_inception_weights
+    from visgen.eval.inception import InceptionFeatures
+    from visgen.eval.metrics import frechet_distance
+    from visgen.sampling import to_uint8
+
+    weights = str(write_random_inception_weights(tmp_path / "inception.pth"))
+    module = _module()
+    module.rfid_inception_weights, module.rfid_inception_sha256 = weights, None
+    batches = _images(1, seed=3)  # 4 images: Inception at 299 px is the cost here
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, inference_mode=False)
+    rfid = trainer.validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]["val/rfid"]
+    inception = InceptionFeatures(weights, expected_sha256=None, spatial=False)
+    images = torch.cat([b["image"] for b in batches])
+    with torch.no_grad():
+        recon = to_uint8(module.ema(images.float() / 127.5 - 1)[0])
+    expected = frechet_distance(inception(recon)["pool"], inception(images)["pool"])
+    assert rfid == pytest.approx(expected, rel=1e-4)

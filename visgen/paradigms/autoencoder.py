@@ -85,6 +85,8 @@ class AutoencoderTraining(GenerativeModule):
         export_name: str | None = None,
         val_digit_metrics: bool = False,
         cache_dir: str | None = None,
+        rfid_inception_weights: str | None = None,
+        rfid_inception_sha256: str | None = "official",
     ):
         """`ema_decay` 0 keeps no average (LlamaGen's default: `ema.` then holds the trained weights);
         `disc_optimizer` null uses `optimizer`'s settings for D (LlamaGen and taming do)."""
@@ -113,6 +115,11 @@ class AutoencoderTraining(GenerativeModule):
         self.export_name = export_name
         self.val_digit_metrics = val_digit_metrics
         self.cache_dir = cache_dir
+        #: torch-fidelity's Inception weights file: validation then logs val/rfid (reconstructions vs the
+        #: validation images through visgen.eval's Inception and Fréchet distance).
+        self.rfid_inception_weights = rfid_inception_weights
+        self.rfid_inception_sha256 = rfid_inception_sha256  # "official": torch-fidelity's file; null: any weights
+        self._rfid_sums: dict[str, list[Tensor]] = {}
         #: Micro-batches per optimizer step; train.py sets it (manual optimisation: the Trainer must keep 1).
         self.accumulate_grad_batches = 1
         self.is_vq = isinstance(net, VQAutoencoder)
@@ -311,7 +318,36 @@ class AutoencoderTraining(GenerativeModule):
 
     # ----- validation ----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val_counts, self._val_recon = None, []
+        self._val_counts, self._val_recon, self._rfid_sums = None, [], {}
+
+    def _inception(self) -> nn.Module:
+        """visgen.eval's Inception, built on first use and kept out of the module tree (and of checkpoints)."""
+        if getattr(self, "_inception_net", None) is None:
+            from visgen.eval.inception import INCEPTION_SHA256, InceptionFeatures
+
+            sha = INCEPTION_SHA256 if self.rfid_inception_sha256 == "official" else self.rfid_inception_sha256
+            net = InceptionFeatures(self.rfid_inception_weights, expected_sha256=sha, spatial=False)
+            object.__setattr__(self, "_inception_net", net)
+        return self._inception_net.to(self.device)
+
+    def _accumulate_rfid(self, name: str, images_uint8: Tensor) -> None:
+        """Add Inception pool features to float64 (count, Σx, Σxxᵀ): reducible over ranks whatever their counts."""
+        feats = self._inception()(images_uint8)["pool"].double()  # (B, 2048)
+        sums = [feats.new_tensor(float(len(feats))), feats.sum(0), feats.T @ feats]
+        previous = self._rfid_sums.get(name)
+        self._rfid_sums[name] = sums if previous is None else [a + b for a, b in zip(previous, sums, strict=True)]
+
+    def _rfid(self) -> float:
+        """Fréchet distance between reconstructions and originals, from the rank-summed statistics."""
+        from visgen.eval.metrics import GaussianStats, frechet_distance_from_stats
+
+        stats = []
+        for name in ("recon", "real"):
+            count, total, outer = (self.trainer.strategy.reduce(t, reduce_op="sum") for t in self._rfid_sums[name])
+            mu = total / count
+            sigma = (outer - count * torch.outer(mu, mu)) / (count - 1)  # unbiased, as np.cov
+            stats.append(GaussianStats(mu.cpu().numpy(), sigma.cpu().numpy(), int(count)))
+        return frechet_distance_from_stats(*stats)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         """EMA reconstructions of held-out images: loss, PSNR, SSIM, code usage; the first batch as a grid."""
@@ -328,6 +364,9 @@ class AutoencoderTraining(GenerativeModule):
         if codes is not None:
             counts = code_usage(codes, self.net.num_codes)
             self._val_counts = counts if self._val_counts is None else self._val_counts + counts
+        if self.rfid_inception_weights:
+            self._accumulate_rfid("recon", to_uint8(recon))
+            self._accumulate_rfid("real", to_uint8(images))
         if self.val_digit_metrics:  # with the labels of this batch: the stream's order is not load_all's
             self._val_recon.append((to_uint8(recon).cpu(), batch["label"].cpu()))
         if batch_idx == 0 and self.trainer.is_global_zero:
@@ -337,6 +376,8 @@ class AutoencoderTraining(GenerativeModule):
             save_grid(pairs.cpu(), path, nrow=16)
 
     def on_validation_epoch_end(self) -> None:
+        if self._rfid_sums:
+            self.log("val/rfid", self._rfid(), rank_zero_only=True)
         if self._val_counts is not None:
             counts = self.trainer.strategy.reduce(self._val_counts.float(), reduce_op="sum")
             self.log_dict(self._usage_metrics(counts, "val"), rank_zero_only=True)
