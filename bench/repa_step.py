@@ -3,7 +3,7 @@
     python bench/repa_step.py                       # REPA-SiT-B/2 on 32x32x4 latents + DINOv2-B/14 on 256 px, batch 8
     python bench/repa_step.py --net XL/2 --batch 32 --encoder l
     python bench/repa_step.py --demo --batch 32     # demo_repa's net and the SimCLR digits encoder
-    python bench/repa_step.py --batch 2 --steps 2 --warmup 1   # on a CPU
+    python bench/repa_step.py --batch 2 --steps 2 --warmup 1 --precision fp32   # on a CPU
 
 Rows per precision: SiT's step alone (flow loss, no projector), REPA's full step (encoder forward + flow loss +
 projector + alignment loss), REPA's step with the encoder features given (what precomputed features would cost),
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="rows to measure (CPUs without bf16 units emulate it: fp32 only there)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
@@ -111,7 +113,7 @@ def main() -> None:
     for column in ("precision", "SiT step (s)", "REPA step (s)", "REPA step, features given (s)",
                    "encoder forward (s)", "encoder / SiT step"):
         table.add_column(column, justify="right")
-    for bf16 in (False, True):
+    for bf16 in [p == "bf16" for p in args.precision]:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         sit = seconds_per_call(train_step(lambda: module.interpolant.training_loss(net, batch["latents"],
                                                                                   batch["labels"]), autocast),

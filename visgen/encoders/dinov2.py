@@ -71,8 +71,9 @@ class DINOv2Encoder(AlignmentEncoder):
         if path is None or not path.is_file():
             raise FileNotFoundError(
                 f"DINOv2 weights {weights!r} not found (model.encoders[*].weights). Download them where there is "
-                f"internet, e.g. `hf download timm/vit_{DINOV2_SIZES[size]}_patch14_dinov2.lvd142m --local-dir <dir>` "
-                "and pass <dir>/model.safetensors, or torch.hub's dinov2_vit<size>14_pretrain.pth")
+                f"internet: https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{size}14/dinov2_vit{size}14_pretrain.pth "
+                f"(torch.hub's file), or `hf download timm/vit_{DINOV2_SIZES[size]}_patch14_dinov2.lvd142m "
+                "--local-dir <dir>` and pass <dir>")
         arch = f"vit_{DINOV2_SIZES[size]}_patch14_{'reg4_' if registers else ''}dinov2"
         input_size = dinov2_input_size(image_size)
         model = timm.create_model(arch, pretrained=False, img_size=input_size, num_classes=0, **(model_kwargs or {}))
