@@ -237,8 +237,8 @@ class AutoencoderTraining(GenerativeModule):
             for scheduler in self._schedulers():
                 scheduler.step()
         if codes is not None:
-            self._log_usage(codes)
-            counts = code_usage(codes.detach(), self.net.num_codes)
+            counts = code_usage(codes.detach(), self.net.num_codes)  # (K,)
+            self._log_usage(counts)
             self._restart_counts = counts if self._restart_counts is None else self._restart_counts + counts
             every, step = self.restart_dead_codes_every, self.global_step
             if (batch_idx + 1) % accumulate == 0 and every and step % every == 0 and step != self._restarted_at:
@@ -272,9 +272,8 @@ class AutoencoderTraining(GenerativeModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Gradient norms are logged in `_step`, before clipping."""
 
-    def _log_usage(self, codes: Tensor) -> None:
+    def _log_usage(self, counts: Tensor) -> None:
         """Codebook usage (% of codes hit) and perplexity over the last `usage_every_n_steps` steps."""
-        counts = code_usage(codes.detach(), self.net.num_codes)
         self._train_counts = counts if self._train_counts is None else self._train_counts + counts
         step = self.global_step
         if self.usage_every_n_steps and step % self.usage_every_n_steps == 0 and step != getattr(self, "_usage_at", -1):
