@@ -6,7 +6,8 @@ Lives outside `visgen.training` so that evaluation never imports training code.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,7 +16,11 @@ from torchvision.utils import make_grid, save_image
 
 from visgen.tokenizers.base import Tokenizer
 
-__all__ = ["Sampler", "generate", "to_uint8", "from_uint8", "save_grid", "balanced_labels"]
+__all__ = ["Sampler", "generate", "gathered", "to_uint8", "from_uint8", "save_grid", "balanced_labels",
+           "RESHARD_AFTER_FORWARD_ATTR"]
+
+#: Set by visgen.training.fsdp.shard_net on every FSDP2 unit: the reshard_after_forward it was sharded with.
+RESHARD_AFTER_FORWARD_ATTR = "visgen_reshard_after_forward"
 
 
 class Sampler(ABC):
@@ -42,6 +47,28 @@ def to_uint8(images: Tensor) -> Tensor:
     return (127.5 * images.float() + 128.0).clamp(0, 255).to(torch.uint8)
 
 
+@contextmanager
+def gathered(net: nn.Module) -> Iterator[nn.Module]:
+    """Gather every FSDP2 shard of `net` for the duration of the block (a no-op for unsharded nets).
+
+    FSDP2 gathers a module's parameters only inside its `forward`; samplers also call other methods (MAR's
+    encoder and DiffLoss, a KV-cache step), and would meet sharded DTensors there. Sampling is rare and runs
+    without gradients, so the whole net is gathered once and resharded afterwards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in net.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield net
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(getattr(unit, RESHARD_AFTER_FORWARD_ATTR, True), recurse=False)
+
+
 @torch.no_grad()
 def generate(
     net: nn.Module,
@@ -54,7 +81,8 @@ def generate(
 ) -> Tensor:
     """Sample latents for `labels` (B,) with `sampler`, decode them, make uint8 (B, 3, H, W) images with
     `postprocess` (DiT's rounding by default; evaluation passes its recorded quantisation and resize)."""
-    latents = sampler(net, labels, tokenizer.latent_shape(image_size), generator=generator)  # (B, C, h, w)
+    with gathered(net):
+        latents = sampler(net, labels, tokenizer.latent_shape(image_size), generator=generator)  # (B, C, h, w)
     return postprocess(tokenizer.decode(latents))  # (B, 3, H, W)
 
 

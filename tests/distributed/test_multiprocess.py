@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,3 +97,38 @@ def test_fsdp2_sharded_checkpoint_survives_kill_9_and_resumes_to_identical_weigh
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     assert not torch.equal(a["state_dict"]["net.final_layer.linear.weight"],
                            a["state_dict"]["ema.final_layer.linear.weight"])
+
+
+def test_generate_gathers_a_sharded_net_for_samplers_that_call_more_than_forward(tmp_path):
+    """FSDP2 gathers parameters only inside forward; `generate` gathers the whole net around the sampler call, so a
+    sampler that reads parameters directly sees full tensors, and the shards are back afterwards (one gloo rank)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from visgen.nn.dit import DiT
+    from visgen.sampling import Sampler, generate
+    from visgen.tokenizers.base import PixelTokenizer
+    from visgen.training.fsdp import shard_net
+
+    class ReadsTheHead(Sampler):
+        """Uses a root parameter outside forward, as MAR's and the GPT's samplers do."""
+
+        def __call__(self, net, labels, latent_shape, generator=None):
+            bias = net.y_embedder.embedding_table.weight[labels, :3].mean(1)  # (B,)
+            return torch.zeros(len(labels), *latent_shape) + bias.view(-1, 1, 1, 1)
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    net = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    expected = generate(net, PixelTokenizer(), ReadsTheHead(), torch.arange(4), 8)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        shard_net(net, init_device_mesh("cpu", (1,)), param_dtype=None, reduce_dtype=None)
+        assert type(net.y_embedder.embedding_table.weight).__name__ == "DTensor"
+        with pytest.raises(Exception):  # noqa: B017 - without gathering the sampler meets a DTensor
+            ReadsTheHead()(net, torch.arange(4), (3, 8, 8)) + torch.zeros(4, 3, 8, 8)
+        out = generate(net, PixelTokenizer(), ReadsTheHead(), torch.arange(4), 8)
+        assert type(net.y_embedder.embedding_table.weight).__name__ == "DTensor"  # resharded afterwards
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(out, expected)

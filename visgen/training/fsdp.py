@@ -25,6 +25,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from visgen.sampling import RESHARD_AFTER_FORWARD_ATTR
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FSDP2Strategy", "shard_units", "shard_net", "DTYPES"]
@@ -59,9 +61,9 @@ def shard_net(net: nn.Module, mesh: Any, param_dtype: str | None = "bf16", reduc
         _wrap_for_activation_checkpointing(net)
         units = shard_units(net)
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
-    for unit in units:
+    for unit in [*units, net]:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        setattr(unit, RESHARD_AFTER_FORWARD_ATTR, reshard_after_forward)  # restored after sampling (`gathered`)
     return net
 
 
