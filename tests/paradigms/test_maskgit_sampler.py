@@ -105,9 +105,11 @@ class FixedLogits(nn.Module):
         self.mask_token_id = self.codebook_size
         self.num_classes = num_classes
         self.calls = 0
+        self.batch_sizes: list[int] = []
 
     def forward(self, codes, labels):
         self.calls += 1
+        self.batch_sizes.append(codes.shape[0])
         logits = self.table[labels]  # (B, N, V)
         return torch.cat([logits, torch.full_like(logits[..., :1], 50.0)], -1)  # a huge mask logit: must be dropped
 
@@ -178,11 +180,23 @@ def test_guided_logits_are_one_plus_w_cond_minus_w_uncond_from_one_batched_pass(
     net = FixedLogits(torch.cat([cond, uncond]))  # class 0 and the null class 1
     sampler = MaskGITSampler(num_steps=8, cfg_scale=2.0)
     codes, labels = torch.full((1, 4, 4), 6), torch.zeros(1, dtype=torch.long)
-    for step in (0, 3, 7):
+    for step in (1, 3, 7):
         w = 2.0 * step / 7
         out = sampler.guided_logits(net, codes, labels, step)
         assert torch.allclose(out, (1 + w) * cond - w * uncond, atol=1e-6)
     assert net.calls == 3  # conditional and unconditional halves in one forward pass each step
+
+
+@pytest.mark.parametrize(("cfg_scale", "cfg_schedule", "expected"), [
+    (0.0, "linear", [3, 3, 3, 3]),     # guidance off: never a null pass
+    (2.0, "linear", [3, 6, 6, 6]),     # v1's ramp: w_0 = 0, so the first step runs the conditional half alone
+    (2.0, "constant", [6, 6, 6, 6]),   # Halton-MaskGIT: guided at every step
+])
+def test_the_null_pass_runs_only_at_steps_with_guidance(cfg_scale, cfg_schedule, expected):
+    net = FixedLogits(torch.cat([TARGET, TARGET]))
+    MaskGITSampler(num_steps=4, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule)(
+        net, torch.zeros(3, dtype=torch.long), (4, 4), generator=torch.Generator().manual_seed(0))
+    assert net.batch_sizes == expected
 
 
 def test_sampler_returns_a_full_grid_of_codes_without_the_mask_token():

@@ -195,13 +195,16 @@ class MaskGITSampler(Sampler):
         return start + (end - start) * self.progress(step)
 
     def guided_logits(self, net: nn.Module, codes: Tensor, labels: Tensor, step: int) -> Tensor:
-        """Logits (B, N, V) over the codebook (the mask column dropped), guided when w_k ≠ 0."""
+        """Logits (B, N, V) over the codebook (the mask column dropped), guided when w_k ≠ 0.
+
+        A step with w_k = 0 (guidance off, or the first step of v1's ramp) runs the conditional half alone:
+        (1 + 0)·c − 0·u = c, so the null pass would cost a forward for nothing (v1 and Halton-MaskGIT run it)."""
         vocab = net.codebook_size
-        if self.cfg_scale == 0:
+        w = self.guidance_weight(step)
+        if w == 0:
             return net(codes, labels)[..., :vocab].float()
         null = torch.full_like(labels, net.num_classes)
         cond, uncond = net(torch.cat([codes, codes]), torch.cat([labels, null]))[..., :vocab].float().chunk(2)
-        w = self.guidance_weight(step)
         return (1 + w) * cond - w * uncond  # (B, N, V)
 
     def gumbel_noise(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
