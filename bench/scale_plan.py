@@ -102,7 +102,10 @@ def main() -> None:
     print("| preset | params | GPUs | batch/GPU | fp32 state (GB) | activations/GPU (GB) | DDP GB/GPU | FSDP2 GB/GPU "
           "| TFLOP/step | step s (40% MFU) | visgen uses |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for plan in _plans():
+    from visgen.official import CONF_DIR
+
+    plans = [plan for plan in _plans() if (CONF_DIR / "experiment" / f"{plan.experiment}.yaml").exists()]
+    for plan in plans:
         for gpus, where in ((8, "8 x A100-80GB"), (32, "4 nodes x 8")):
             e = estimate(plan, gpus, args.activation_checkpointing)
             ddp = f"{e['ddp_gb']:.0f}" + (" (over 80)" if e["ddp_gb"] > A100_MEMORY_GB else "")
@@ -111,7 +114,7 @@ def main() -> None:
                   f"| {e['act_gb']:.1f} | {ddp} | {fsdp} | {e['tflops_step']:.0f} | {e['step_s']:.2f} "
                   f"| {plan.strategy} |")
     print()
-    for plan in _plans():
+    for plan in plans:
         print(f"- {plan.experiment}: trainer={plan.strategy}: {plan.why}")
 
 

@@ -91,7 +91,9 @@ def _wait(env: dict[str, str], job_id: str, until: callable, timeout_s: float, w
 
 def test_train_sbatch_on_two_nodes_is_preempted_requeued_and_resumes(cluster, tmp_path, digits_dir):
     """4 ranks (2 nodes x 2 tasks) train; SIGUSR1 (what --signal=SIGUSR1@90 sends before the time limit) makes
-    every rank write the hpc checkpoint and rank 0 requeue; the requeued job resumes from it and finishes."""
+    all ranks agree on it at the next step, save `preempted_step_N.ckpt` and rank 0 requeues; the requeued job resumes
+    from it and finishes. (Lightning's own handler saved inside the signal handler and hung here in mismatched
+    collectives.)"""
     log_dir = tmp_path / "logs"
     out = tmp_path / "train-%j.out"
     job_id = _run(cluster, "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0",
@@ -113,15 +115,15 @@ def test_train_sbatch_on_two_nodes_is_preempted_requeued_and_resumes(cluster, tm
     log = Path(str(out).replace("%j", job_id)).read_text()
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, log[-4000:])
     assert {f"rank {r}/4" for r in range(4)} <= set(re.findall(r"rank \d/4", log)), log[-4000:]
-    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
-    assert hpc, f"no hpc checkpoint in {run_dir}: {sorted(p.name for p in run_dir.iterdir())}"
+    preempted = sorted((run_dir / "checkpoints").glob("preempted_step_*.ckpt"))
+    assert len(preempted) == 1, sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     resumed = re.findall(r"resuming from (\S+)", log)
-    assert resumed and "hpc_ckpt" in resumed[-1], log[-4000:]
+    assert resumed and resumed[-1] == str(preempted[0]), log[-4000:]
     import torch
 
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    hpc_step = torch.load(hpc[-1], map_location="cpu", weights_only=True)["global_step"]
-    assert 0 < hpc_step < 60 and last["global_step"] == 60
+    preempted_step = torch.load(preempted[0], map_location="cpu", weights_only=True)["global_step"]
+    assert 10 <= preempted_step < 60 and last["global_step"] == 60
 
 
 def test_a_submitit_sweep_runs_each_point_as_a_two_task_slurm_job(cluster, tmp_path, digits_dir):

@@ -15,7 +15,7 @@ from visgen.errors import ConfigValueError
 log = logging.getLogger(__name__)
 
 __all__ = ["slurm_restart_count", "check_global_batch", "refuse_local_multirun_with_subprocesses",
-           "hand_sigusr1_to_lightning"]
+           "release_submitit_sigusr1"]
 
 
 def slurm_restart_count() -> int:
@@ -58,12 +58,13 @@ def refuse_local_multirun_with_subprocesses(trainer: L.Trainer, hydra_mode: Any,
     )
 
 
-def hand_sigusr1_to_lightning() -> None:
-    """Under submitit (Hydra's SLURM launcher) remove submitit's SIGUSR1 handler, so that Lightning installs
-    its own: it writes an hpc checkpoint before requeueing, where submitit's would requeue without one."""
+def release_submitit_sigusr1() -> None:
+    """Under submitit (Hydra's SLURM launcher) remove submitit's SIGUSR1 handler, so that visgen's
+    PreemptionCheckpoint handles it: it saves a checkpoint before requeueing, where submitit's would requeue
+    without one."""
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and signal.getsignal(signal.SIGUSR1) not in (
             signal.SIG_DFL, signal.SIG_IGN, None):
-        log.info("submitit job: Lightning's SIGUSR1 handler (hpc checkpoint + requeue) replaces submitit's")
+        log.info("submitit job: visgen's SIGUSR1 handling (checkpoint + requeue) replaces submitit's")
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 

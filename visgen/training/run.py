@@ -50,16 +50,21 @@ def _checkpoints(run_dir: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """`last.ckpt` when present (a link to the newest), else the newest `step_*.ckpt` by step.
+#: Checkpoint names that carry their step: `step_N` (ModelCheckpoint; `step=N` before the rename) and
+#: `preempted_step_N` (PreemptionCheckpoint, on SIGTERM / SIGUSR1).
+_STEP_NAME = re.compile(r"(?:preempted_)?step[_=](\d+)")
 
-    Runs written before the rename carry `step=*.ckpt` names; they still resume.
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's checkpoint with the highest step, whichever wrote it (step, epoch end, preemption); on a tie the
+    regular one. `last.ckpt` (a link to ModelCheckpoint's newest) only when no file carries its step in its name.
     """
+    stepped = [(int(match.group(1)), p.name.startswith("preempted_"), p) for p in _checkpoints(run_dir)
+               if (match := _STEP_NAME.fullmatch(p.stem))]
+    if stepped:
+        return max(stepped, key=lambda entry: (entry[0], not entry[1]))[2]
     last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
-        return last
-    steps = [p for p in _checkpoints(run_dir) if re.fullmatch(r"step[_=]\d+", p.stem)]
-    return max(steps, key=lambda p: int(p.stem[len("step_"):]), default=None)
+    return last if last.exists() else None
 
 
 def resolve_resume(run_dir: Path, ckpt_path: str | None, refuse_occupied: bool = True) -> Path | None:

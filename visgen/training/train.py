@@ -17,10 +17,11 @@ from visgen.eval.checkpoint import load_checkpoint
 from visgen.training.launch import (
     check_global_batch,
     fill_devices_from_slurm,
-    hand_sigusr1_to_lightning,
     refuse_local_multirun_with_subprocesses,
+    release_submitit_sigusr1,
     slurm_restart_count,
 )
+from visgen.training.preemption import Preempted, PreemptionCheckpoint
 from visgen.training.run import (
     check_resume_compatible,
     collect_provenance,
@@ -76,8 +77,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.run_info = {k: v for k, v in provenance.items() if k != "argv"}
 
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
-                                     logger=loggers or False)
+    # PreemptionCheckpoint is not a config choice: no run may lose more than a step to SIGTERM / SIGUSR1.
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*_instantiate_all(cfg.get("callbacks")),
+                                                             PreemptionCheckpoint()], logger=loggers or False)
     accumulation = datamodule.accumulate_grad_batches(trainer.world_size)
     if model.automatic_optimization:
         trainer.accumulate_grad_batches = accumulation
@@ -90,10 +92,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         refuse_local_multirun_with_subprocesses(trainer, hydra_cfg.mode, hydra_cfg.launcher.get("_target_"))
-    hand_sigusr1_to_lightning()
+    release_submitit_sigusr1()
     if trainer.is_global_zero:
         write_run_files(run_dir, provenance, resume_from)
         log.info("run dir: %s (%s)", run_dir, f"resuming from {resume_from}" if resume_from else "fresh start")
         log.info("net parameters: %s; %s", f"{sum(p.numel() for p in model.net.parameters()):,}", batch_line)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                    weights_only=True)
+    except Preempted as preempted:
+        log.warning("preempted at step %d: %s", trainer.global_step, preempted)
+        raise SystemExit(preempted.exit_code) from None
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
