@@ -4,11 +4,14 @@
     python bench/repa_step.py --net XL/2 --batch 32 --encoder l
     python bench/repa_step.py --demo --batch 32     # demo_repa's net and the SimCLR digits encoder
     python bench/repa_step.py --batch 2 --steps 2 --warmup 1 --precision fp32   # on a CPU
+    python bench/repa_step.py --flops               # FLOPs per image, B/2, L/2, XL/2 (meta device: no compute)
 
 Rows per precision: SiT's step alone (flow loss, no projector), REPA's full step (encoder forward + flow loss +
 projector + alignment loss), REPA's step with the encoder features given (what precomputed features would cost),
 and the encoder forward alone. The DINOv2 weights are random (speed does not depend on them), written once to a
 temporary file because the encoder only loads from files. Prints a table; no assertions.
+`--flops` counts instead (torch.utils.flop_counter on the meta device, any machine, seconds): what the encoder
+forward adds to a SiT train step independently of the hardware.
 """
 
 from __future__ import annotations
@@ -74,6 +77,44 @@ def build_demo() -> tuple[REPASiT, object, int, tuple]:
             (3, cfg.data.image_size, cfg.data.image_size))
 
 
+def repa_step(net: REPASiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+    """Forward with the projectors and backward: the net's share of a REPA train step."""
+    out, projected = net(x, t, y, project=True)  # (B, C, H, W), K x (B, N, D_k)
+    (out.sum() + sum(p.sum() for p in projected)).backward()
+
+
+def flops_table(encoder_size: str) -> Table:
+    """GFLOPs per 256 px image of the train step (forward + backward) and of the encoder forward, per net size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def gflops(fn: Callable[[], None]) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e9
+
+    table = Table(title=f"GFLOPs per 256 px image: REPA-SiT-*/2 train step, DINOv2-{encoder_size.upper()}/14 forward "
+                        "(torch.utils.flop_counter)")
+    for column in ("net", "SiT step", "REPA net step (+ projector)", "encoder forward", "encoder / SiT step",
+                   "REPA step / SiT step"):
+        table.add_column(column, justify="right")
+    with torch.device("meta"):
+        encoder = timm.create_model(f"vit_{DINOV2_SIZES[encoder_size]}_patch14_dinov2", pretrained=False,
+                                    num_classes=0, img_size=224)
+        image = torch.empty(1, 3, 224, 224)
+        x, t, y = torch.empty(1, 4, 32, 32), torch.empty(1), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        encode = gflops(lambda: encoder.forward_features(image))
+    for size in ("B", "L", "XL"):
+        with torch.device("meta"):
+            net = REPASiT(**DIT_SIZES[size], patch_size=2, input_size=32, in_channels=4, num_classes=1000,
+                          encoder_depth=8, z_dims=[encoder.embed_dim])
+        sit = gflops(lambda net=net: net(x, t, y).sum().backward())
+        repa = gflops(lambda net=net: repa_step(net, x, t, y))
+        table.add_row(f"{size}/2", f"{sit:.1f}", f"{repa:.1f}", f"{encode:.1f}", f"{encode / sit:.0%}",
+                      f"{(repa + encode) / sit:.2f}")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--net", default="B/2", help="S/2 | B/2 | L/2 | XL/2")
@@ -82,9 +123,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
+    parser.add_argument("--flops", action="store_true", help="count FLOPs per image on the meta device instead")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="rows to measure (CPUs without bf16 units emulate it: fp32 only there)")
     args = parser.parse_args()
+    if args.flops:
+        Console().print(flops_table(args.encoder))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     with tempfile.TemporaryDirectory() as tmp:
