@@ -61,13 +61,13 @@ def _plans() -> list[Plan]:
     # encoder sees the unmasked tokens (mask ratio from a truncated normal on [0.7, 1], mean ~0.86 -> ~36 of 256),
     # the decoder all 320; DiffLoss runs its 12 x 1536 MLP on 256 tokens x diffusion_batch_mul 4 (counted as
     # blocks with T = 1024; an MLP block stores fewer activations than 34 T D, so this is an upper bound).
-    # GPT-3B: class token + 256 codes.
+    # GPT-3B at its recipe's 384 px: 24 x 24 codes; the class token + the first 575 codes -> 576 positions.
     return [
         Plan("dit_xl_2", 256, [Stack(28, 1152, 256)], "ddp",
              "fits every GPU with DDP; FSDP would add communication for nothing"),
         Plan("mar_h", 2048, [Stack(20, 1280, 100), Stack(20, 1280, 320), Stack(12, 1536, 1024)], "fsdp",
              "DDP fits, but the 2048 batch needs 64 samples per GPU on 32 GPUs; FSDP frees ~17 GB per GPU for them"),
-        Plan("gpt_3b", 256, [Stack(24, 3200, 257)], "fsdp",
+        Plan("gpt_3b", 256, [Stack(24, 3200, 576)], "fsdp",
              "62 GB of fp32 weights, gradients, Adam and EMA per GPU under DDP leave no room for activations"),
     ]
 
