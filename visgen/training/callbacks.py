@@ -1,17 +1,72 @@
-"""Training callbacks: checkpoints that never rewrite the step a run resumed from, sample grids."""
+"""Training callbacks: the EMA update before every other batch-end hook, checkpoints that never rewrite the step a
+run resumed from and are written next to their final name, sample grids."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from visgen.sampling import balanced_labels, save_grid
 
-__all__ = ["RunCheckpoint", "EveryNSteps", "SampleGrid"]
+__all__ = ["EMAUpdate", "RunCheckpoint", "AtomicCheckpointIO", "EveryNSteps", "SampleGrid"]
+
+
+class EMAUpdate(L.Callback):
+    """Updates the module's EMA at batch end before any other callback runs (train.py puts it first).
+
+    Lightning calls every callback's `on_train_batch_end` before the module's own, so an EMA updated in the
+    module's hook was one step behind in step checkpoints (a resume then skipped that update for good) and in
+    sample grids."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        update = getattr(pl_module, "update_ema", None)
+        if update is not None:
+            update()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a hidden temp file beside its final name, fsyncs it and renames it into place.
+
+    Lightning's own save goes through fsspec, which stages the file in `$TMPDIR` and *moves* it: where `$TMPDIR`
+    is another filesystem (node-local scratch, shared run dirs) that move is a copy, and a kill during it left a
+    truncated `step_N.ckpt` under its final name. A rename within one directory is atomic on POSIX filesystems, so
+    the final name holds the old or the new complete file, never a part; a killed write leaves only a `.name.tmp*`
+    file, which `ckpt_path=last` ignores and the next save of that name replaces."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.tmp*"):  # left by a killed earlier write
+            stale.unlink(missing_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable (a crash of the node right after it)
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
 
 
 class RunCheckpoint(ModelCheckpoint):

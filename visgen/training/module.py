@@ -171,11 +171,18 @@ class GenerativeModule(L.LightningModule):
                 norm = norm.full_tensor()
             self.log("train/grad_norm", norm)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Update the EMA once per optimizer step (not per micro-batch under accumulation)."""
+    def update_ema(self) -> None:
+        """Bring the EMA up to the current optimizer step: one update per step, not per micro-batch under
+        accumulation, and a no-op when already done. `EMAUpdate` calls it before any other callback's batch-end
+        hook, so step checkpoints, sample grids and online FID see this step's EMA (the EMA in
+        a checkpoint is the one an uninterrupted run has at that step)."""
         if self.global_step > self._ema_step:
             ema_update(self.ema, self.net, self.ema_decay)
             self._ema_step = self.global_step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Update the EMA (for Trainers built without `EMAUpdate`; a no-op after it)."""
+        self.update_ema()
 
     def on_train_epoch_start(self) -> None:
         """Tell the data stream which epoch starts, before its iterator (and workers) are made."""

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from visgen.eval.checkpoint import load_checkpoint
+from visgen.training.callbacks import AtomicCheckpointIO, EMAUpdate
 from visgen.training.launch import (
     check_global_batch,
     fill_devices_from_slurm,
@@ -77,9 +78,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.run_info = {k: v for k, v in provenance.items() if k != "argv"}
 
     loggers = _instantiate_all(cfg.get("logger"))
+    # EMAUpdate first: every later batch-end hook (checkpoints, sample grids, online FID) sees this step's EMA.
     # PreemptionCheckpoint is not a config choice: no run may lose more than a step to SIGTERM / SIGUSR1.
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*_instantiate_all(cfg.get("callbacks")),
-                                                             PreemptionCheckpoint()], logger=loggers or False)
+    callbacks = [EMAUpdate(), *_instantiate_all(cfg.get("callbacks")), PreemptionCheckpoint()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()])
     accumulation = datamodule.accumulate_grad_batches(trainer.world_size)
     if model.automatic_optimization:
         trainer.accumulate_grad_batches = accumulation
