@@ -1,5 +1,6 @@
 """Tiny end-to-end training runs on the built-in digits, composed from the real config tree."""
 
+import csv
 from pathlib import Path
 
 import lightning as L
@@ -54,3 +55,13 @@ class StopAfterSteps(L.Callback):
 
 
 STOP_AFTER_8_STEPS = ["+callbacks.stop._target_=tests.tiny_run.StopAfterSteps", "+callbacks.stop.steps=8"]
+
+
+def metric_rows(run_dir: Path, min_step: int = 0) -> list[dict[str, str]]:
+    """Every row the CSV logger wrote in `run_dir`, over all its starts (csv/version_*), without empty cells:
+    what a resumed run's logs must equal, step for step, to an uninterrupted run's."""
+    rows = []
+    for version in sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+        with open(version / "metrics.csv", newline="") as file:
+            rows += [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
+    return [row for row in rows if int(row["step"]) >= min_step]

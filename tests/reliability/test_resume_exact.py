@@ -6,7 +6,7 @@ import tempfile
 import pytest
 import torch
 
-from tests.tiny_run import compose_train
+from tests.tiny_run import compose_train, metric_rows
 from visgen.training.callbacks import AtomicCheckpointIO
 from visgen.training.train import train
 
@@ -35,6 +35,7 @@ def test_a_mid_epoch_resume_from_a_step_checkpoint_is_bitwise_for_net_ema_and_op
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(),
                       strict=True):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert metric_rows(resumed) == metric_rows(straight, min_step=4)  # logged under the same steps
     # the EMA moved in the last 2 steps (so the comparison above could see one update missing)
     assert not torch.equal(step_4["state_dict"]["ema.final_layer.linear.weight"],
                            a["state_dict"]["ema.final_layer.linear.weight"])

@@ -1,4 +1,10 @@
-"""The run directory's checkpoint lookup (what `ckpt_path=last` resumes from)."""
+"""The run directory: the checkpoint `ckpt_path=last` resumes from, and records only for starts that trained."""
+
+import pytest
+import torch
+
+from tests.tiny_run import compose_train
+from visgen.training.train import train
 
 
 def test_newest_checkpoint_orders_by_step_and_reads_old_names(tmp_path):
@@ -26,3 +32,26 @@ def test_newest_checkpoint_takes_a_newer_preemption_checkpoint_and_prefers_the_r
     assert newest_checkpoint(tmp_path).name == "preempted_step_0000250.ckpt"  # not last.ckpt -> step 200
     (ckpt_dir / "step_0000250.ckpt").write_bytes(b"")
     assert newest_checkpoint(tmp_path).name == "step_0000250.ckpt"
+
+
+def _files(run_dir):
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+
+
+def test_a_failed_start_leaves_the_run_dir_free_for_the_corrected_command(tmp_path, digits_dir):
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="matched no files"):
+        train(compose_train(run, digits_dir, "trainer.max_steps=1", f"data.train_shards={tmp_path}/typo.tar"))
+    assert not [name for name in _files(run) if name != "train.log"]  # no run.json, config.yaml, csv/version_0
+    train(compose_train(run, digits_dir, "trainer.max_steps=1"))  # the corrected command, as typed
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert (run / "run.json").exists()
+
+
+def test_resuming_a_finished_run_records_no_start(tmp_path, digits_dir):
+    run = tmp_path / "run"
+    train(compose_train(run, digits_dir, "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0"))
+    before = _files(run)
+    train(compose_train(run, digits_dir, "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0",
+                        "ckpt_path=last"))
+    assert _files(run) == before  # no run.resume1.json, no empty csv/version_1

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tests.tiny_run import STOP_AFTER_8_STEPS, compose_train
+from tests.tiny_run import STOP_AFTER_8_STEPS, compose_train, metric_rows
 from visgen.paradigms.sit import SiT
 from visgen.training.run import RunDirOccupiedError
 from visgen.training.train import train
@@ -38,6 +38,11 @@ def test_resume_at_an_epoch_boundary_is_bitwise_exact(tmp_path, digits_dir):
                            a["state_dict"]["ema.final_layer.linear.weight"])
     # the resumed start kept the first start's files and recorded itself
     assert (split / "run.resume1.json").exists() and (split / "config.yaml").exists()
+    # its logs equal the uninterrupted run's row for row: no step late, no epoch-end row logged twice, one lr row
+    # per step (not one per micro-batch)
+    rows = metric_rows(straight)
+    assert metric_rows(split) == rows
+    assert [row["step"] for row in rows if "lr-AdamW/pg1" in row] == [str(step) for step in range(16)]
 
 
 def test_checkpoint_carries_config_provenance_and_ema_under_documented_keys(tmp_path, digits_dir):

@@ -1,5 +1,6 @@
-"""Training callbacks: the EMA update before every other batch-end hook, checkpoints that never rewrite the step a
-run resumed from and are written next to their final name, sample grids."""
+"""Training callbacks: the module's step bookkeeping before every other hook, run records once training starts, one
+lr row per step, checkpoints that never rewrite the step a run resumed from and are written beside their final name,
+sample grids."""
 
 from __future__ import annotations
 
@@ -10,25 +11,64 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from visgen.sampling import balanced_labels, save_grid
 
-__all__ = ["EMAUpdate", "RunCheckpoint", "AtomicCheckpointIO", "EveryNSteps", "SampleGrid"]
+__all__ = ["ModuleBookkeeping", "RunRecord", "StepLearningRateMonitor", "RunCheckpoint", "AtomicCheckpointIO",
+           "EveryNSteps", "SampleGrid"]
 
 
-class EMAUpdate(L.Callback):
-    """Updates the module's EMA at batch end before any other callback runs (train.py puts it first).
+class ModuleBookkeeping(L.Callback):
+    """The module's per-step bookkeeping, done before any other callback looks (train.py puts this one first):
+    the EMA update at batch end and, at the first batch after a resume, the step metrics are logged under.
 
-    Lightning calls every callback's `on_train_batch_end` before the module's own, so an EMA updated in the
-    module's hook was one step behind in step checkpoints (a resume then skipped that update for good) and in
-    sample grids."""
+    Lightning calls every callback's batch hooks before the module's own, so an EMA updated in the module's hook
+    was one step behind in step checkpoints (a resume then skipped that update for good) and in sample grids, and
+    the lr monitor logged the first resumed step under a wrong step."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        restore = getattr(pl_module, "restore_log_step", None)
+        if restore is not None:
+            restore()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         update = getattr(pl_module, "update_ema", None)
         if update is not None:
             update()
+
+
+class RunRecord(L.Callback):
+    """Writes the run's records (config.yaml, git.diff, run.json; run.resumeN.json on a resume) once training
+    really starts: after data, model and checkpoint were set up, and never for a start that does not train (a
+    finished run resumed). A start that failed earlier leaves nothing that marks the run dir as occupied, so the
+    corrected command runs as typed."""
+
+    def __init__(self, write: Any) -> None:
+        self.write = write  # called once on rank 0, with no arguments
+        self.started = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = True
+        if trainer.is_global_zero:
+            self.write()
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's LearningRateMonitor, logging once per optimizer step: the stock one logs at every micro-batch's
+    start, so under gradient accumulation each step's lr appeared in as many rows as micro-batches."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._logged_step = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if step == self._logged_step:
+            return
+        self._logged_step = step
+        super().on_train_batch_start(trainer, *args, **kwargs)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -104,6 +104,7 @@ class GenerativeModule(L.LightningModule):
         #: Set by train.py: config, seed, git state, versions; copied into every checkpoint.
         self.run_info: dict[str, Any] = {}
         self._ema_step = 0
+        self._log_step_to_restore: int | None = None
         self._rng_to_restore: list[dict[str, Any]] | None = None
 
     # ----- the paradigm's part -------------------------------------------------------------
@@ -173,7 +174,7 @@ class GenerativeModule(L.LightningModule):
 
     def update_ema(self) -> None:
         """Bring the EMA up to the current optimizer step: one update per step, not per micro-batch under
-        accumulation, and a no-op when already done. `EMAUpdate` calls it before any other callback's batch-end
+        accumulation, and a no-op when already done. `ModuleBookkeeping` calls it before any other callback's batch-end
         hook, so step checkpoints, sample grids and online FID see this step's EMA (the EMA in
         a checkpoint is the one an uninterrupted run has at that step)."""
         if self.global_step > self._ema_step:
@@ -181,7 +182,7 @@ class GenerativeModule(L.LightningModule):
             self._ema_step = self.global_step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Update the EMA (for Trainers built without `EMAUpdate`; a no-op after it)."""
+        """Update the EMA (for Trainers built without `ModuleBookkeeping`; a no-op after it)."""
         self.update_ema()
 
     def on_train_epoch_start(self) -> None:
@@ -227,17 +228,55 @@ class GenerativeModule(L.LightningModule):
 
     # ----- checkpoints ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Add run metadata and every rank's RNG state (bitwise resume at epoch boundaries)."""
+        """Add run metadata, every rank's RNG state (bitwise resume) and the step the next batch logs under."""
         checkpoint["visgen"] = {**self.run_info, "ema_prefix": EMA_PREFIX, "tokenizer_id": self.tokenizer.id,
-                                "ema_step": self._ema_step}
+                                "ema_step": self._ema_step, "log_step": self._next_log_step()}
         checkpoint["rng_states"] = capture_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._ema_step = checkpoint.get("visgen", {}).get("ema_step", 0)
+        self._log_step_to_restore = checkpoint.get("visgen", {}).get("log_step")
         self._rng_to_restore = checkpoint.get("rng_states")
 
+    def _next_log_step(self) -> int | None:
+        """The step the next training batch logs its metrics under (Lightning's `_batches_that_stepped` then).
+
+        Lightning restores that counter assuming every checkpoint was written inside a batch-end hook, before the
+        counter advances; from a checkpoint written at an epoch end it comes back one too high, so every metric of
+        a resumed run landed one step late. Recording the right value here and restoring it makes a resumed run's
+        logs equal an uninterrupted run's."""
+        if self._trainer is None:
+            return None
+        loop = self.trainer.fit_loop.epoch_loop
+        batches = loop.batch_progress.total
+        # inside on_train_batch_end a batch is processed but not yet completed, and the counter not yet advanced
+        pending = batches.processed > batches.completed and not loop._should_accumulate()
+        return loop._batches_that_stepped + int(pending)
+
+    def restore_log_step(self) -> None:
+        """Once, at the first batch after a resume: put the logging step where the interrupted run had it.
+        `ModuleBookkeeping` calls this before any other callback's batch-start hook (the lr monitor logs there)."""
+        if getattr(self, "_log_step_to_restore", None) is not None and self._trainer is not None:
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self._log_step_to_restore
+        self._log_step_to_restore = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Restore the logging step (for Trainers built without `ModuleBookkeeping`; a no-op after it)."""
+        self.restore_log_step()
+
     def on_train_start(self) -> None:
-        """Restore RNG states last, after Lightning's setup, so nothing draws from them before step 1."""
+        """Restore RNG states last, after Lightning's setup, so nothing draws from them before step 1; and keep a
+        resume from an epoch-end checkpoint from logging that epoch's end metrics a second time."""
         if self._rng_to_restore is not None:
             restore_rng_state(self._rng_to_restore, self.global_rank)
             self._rng_to_restore = None
+        if getattr(self.trainer.fit_loop, "restarted_on_epoch_end", False):
+            # Lightning replays the saved epoch's end hooks (they ran after the save); the interrupted run already
+            # logged their metrics, so this once the collected epoch-end metrics are dropped, not logged again.
+            connector = self.trainer._logger_connector
+
+            def drop_replayed_epoch_metrics() -> None:
+                del connector.update_train_epoch_metrics  # back to Lightning's method for every later epoch
+                connector.reset_results()
+
+            connector.update_train_epoch_metrics = drop_replayed_epoch_metrics

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from visgen.eval.checkpoint import load_checkpoint
-from visgen.training.callbacks import AtomicCheckpointIO, EMAUpdate
+from visgen.training.callbacks import AtomicCheckpointIO, ModuleBookkeeping, RunRecord
 from visgen.training.launch import (
     check_global_batch,
     fill_devices_from_slurm,
@@ -39,6 +39,17 @@ __all__ = ["train"]
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
     """Instantiate every `_target_` entry of a config group dict (callbacks, loggers)."""
     return [instantiate(v) for v in (node or {}).values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def _drop_empty_log_dirs(loggers: list[Any]) -> None:
+    """Remove the empty `csv/version_N` folder of a start that never trained (failed setup, a finished run
+    resumed), so the run dir does not look as if it had."""
+    for logger in loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        path = Path(log_dir) if isinstance(log_dir, str) else None
+        for folder in (path, path.parent) if path is not None else ():  # csv/version_N, then csv/
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -78,9 +89,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.run_info = {k: v for k, v in provenance.items() if k != "argv"}
 
     loggers = _instantiate_all(cfg.get("logger"))
-    # EMAUpdate first: every later batch-end hook (checkpoints, sample grids, online FID) sees this step's EMA.
+    # ModuleBookkeeping first: every later batch hook (checkpoints, sample grids, online FID, the lr monitor) sees
+    # this step's EMA and logging step. RunRecord writes run.json & co. only once training starts.
     # PreemptionCheckpoint is not a config choice: no run may lose more than a step to SIGTERM / SIGUSR1.
-    callbacks = [EMAUpdate(), *_instantiate_all(cfg.get("callbacks")), PreemptionCheckpoint()]
+    record = RunRecord(lambda: write_run_files(run_dir, provenance, resume_from))
+    callbacks = [ModuleBookkeeping(), record, *_instantiate_all(cfg.get("callbacks")), PreemptionCheckpoint()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
     accumulation = datamodule.accumulate_grad_batches(trainer.world_size)
@@ -97,7 +110,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         refuse_local_multirun_with_subprocesses(trainer, hydra_cfg.mode, hydra_cfg.launcher.get("_target_"))
     release_submitit_sigusr1()
     if trainer.is_global_zero:
-        write_run_files(run_dir, provenance, resume_from)
         log.info("run dir: %s (%s)", run_dir, f"resuming from {resume_from}" if resume_from else "fresh start")
         log.info("net parameters: %s; %s", f"{sum(p.numel() for p in model.net.parameters()):,}", batch_line)
     try:
@@ -106,4 +118,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except Preempted as preempted:
         log.warning("preempted at step %d: %s", trainer.global_step, preempted)
         raise SystemExit(preempted.exit_code) from None
+    finally:
+        if not record.started and trainer.is_global_zero:
+            _drop_empty_log_dirs(loggers)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
