@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["UserError", "ConfigValueError", "MissingInputError", "OutputExistsError", "report_user_errors"]
+__all__ = ["UserError", "ConfigValueError", "MissingInputError", "OutputExistsError", "user_error_cause",
+           "report_user_errors"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,15 +33,33 @@ class OutputExistsError(UserError, FileExistsError):
     """The output would replace earlier results."""
 
 
+def user_error_cause(err: BaseException) -> UserError | None:
+    """The `UserError` behind `err`: itself, or one it was raised from (Hydra's `instantiate` wraps whatever a
+    constructor raises in an InstantiationException, which would otherwise turn a one-line error into a
+    traceback)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UserError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None
+
+
 def report_user_errors(main: F) -> F:
-    """Wrap a Hydra task function: a `UserError` prints `error: <message>` on stderr and exits with status 1."""
+    """Wrap a Hydra task function: a `UserError` (also one wrapped by Hydra's instantiate) prints
+    `error: <message>` on stderr and exits with status 1."""
 
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        except Exception as err:
+            cause = user_error_cause(err)
+            if cause is None:
+                raise
+            print(f"error: {cause}", file=sys.stderr, flush=True)
             sys.exit(1)
 
     return wrapped  # type: ignore[return-value]

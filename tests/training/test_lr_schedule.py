@@ -6,7 +6,9 @@ import math
 
 import pytest
 
+from tests.tiny_run import compose_train
 from visgen.training.module import lr_multiplier
+from visgen.training.train import train
 
 
 def test_warmup_is_linear_from_the_first_step() -> None:
@@ -39,3 +41,16 @@ def test_bad_schedules_are_refused_with_the_config_key() -> None:
     for fraction in (0.0, 1.5):
         with pytest.raises(ValueError, match="cooldown_fraction"):
             lr_multiplier(0, 0, 10, "wsd", cooldown_fraction=fraction)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.optimizer.lr=-1", "model.optimizer.lr=-1 must be >= 0"),
+    ("model.optimizer.betas=[0.9,1.5]", r"model.optimizer.betas=\[0.9, 1.5\] must be two numbers in \[0, 1\)"),
+    ("model.optimizer.warmup_steps=-5", "model.optimizer.warmup_steps=-5 must be >= 0"),
+])
+def test_an_optimizer_setting_that_cannot_work_is_named_before_training(tmp_path, digits_dir, override, message):
+    from visgen.errors import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match=message):
+        train(compose_train(tmp_path / "run", digits_dir, override))
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -18,12 +18,13 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from visgen.errors import ConfigValueError
 from visgen.sampling import from_uint8, generate
 from visgen.tokenizers.base import Tokenizer
 from visgen.training.ema import ema_update, make_ema
 from visgen.training.rng import capture_rng_states, restore_rng_state
 
-__all__ = ["GenerativeModule", "EMA_PREFIX", "Batch", "param_groups", "lr_multiplier"]
+__all__ = ["GenerativeModule", "EMA_PREFIX", "Batch", "param_groups", "lr_multiplier", "check_optimizer_config"]
 
 #: What `loss` receives (README convention 7): "latents" (normalised latents (B, C, h, w) or codes (B, h, w)),
 #: "labels" (B,) int64, and "images" (B, 3, H, W) float in [-1, 1] whenever the loader delivered pixels
@@ -72,6 +73,32 @@ def lr_multiplier(
     )
 
 
+def check_optimizer_config(cfg: Mapping[str, Any], prefix: str = "model.optimizer") -> None:
+    """Refuse optimizer settings that cannot work, naming the key (torch's own errors, e.g. "Invalid learning
+    rate: -1", say neither where the value came from nor how to fix it)."""
+
+    def number(key: str) -> float | None:
+        value = cfg.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigValueError(f"{prefix}.{key}={value!r} must be a number")
+        return float(value)
+
+    rules = {"lr": (lambda v: v >= 0, ">= 0 (1e-4 for DiT/SiT)"), "eps": (lambda v: v >= 0, ">= 0"),
+             "weight_decay": (lambda v: v >= 0, ">= 0"), "warmup_steps": (lambda v: v >= 0, ">= 0 steps"),
+             "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+             "cooldown_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+             "lr_batch_base": (lambda v: v > 0, "> 0 or null (MAR's 256)")}
+    for key, (ok, expected) in rules.items():
+        value = number(key)
+        if value is not None and (not math.isfinite(value) or not ok(value)):
+            raise ConfigValueError(f"{prefix}.{key}={cfg[key]!r} must be {expected}")
+    betas = cfg.get("betas")
+    if betas is not None and (len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ConfigValueError(f"{prefix}.betas={list(betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+
+
 class GenerativeModule(L.LightningModule):
     """Base class: owns `net`, its EMA, the tokenizer and the sampler; subclasses define `loss`."""
 
@@ -93,6 +120,7 @@ class GenerativeModule(L.LightningModule):
         self.ema = make_ema(net)
         self.tokenizer = tokenizer.requires_grad_(False)
         self.sampler = sampler
+        check_optimizer_config(optimizer)
         self.optimizer_cfg = dict(optimizer)
         self.image_size = image_size
         self.batch_global = batch_global

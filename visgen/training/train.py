@@ -9,10 +9,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
+from visgen.errors import user_error_cause
 from visgen.eval.checkpoint import load_checkpoint
 from visgen.training.callbacks import AtomicCheckpointIO, ModuleBookkeeping, RunRecord
 from visgen.training.launch import (
@@ -36,9 +38,21 @@ log = logging.getLogger(__name__)
 __all__ = ["train"]
 
 
+def _build(node: Any, **kwargs: Any) -> Any:
+    """`instantiate`, but a constructor's UserError (a bad value, a missing file) comes out as itself, not wrapped
+    in Hydra's InstantiationException."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = user_error_cause(err)
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
     """Instantiate every `_target_` entry of a config group dict (callbacks, loggers)."""
-    return [instantiate(v) for v in (node or {}).values() if isinstance(v, DictConfig) and "_target_" in v]
+    return [_build(v) for v in (node or {}).values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
 def _drop_empty_log_dirs(loggers: list[Any]) -> None:
@@ -78,8 +92,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                     provenance["experiment"])
         del checkpoint
 
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    datamodule = _build(cfg.data)
+    model = _build(cfg.model)
     if model.init_from and resume_from is None:
         # Fine-tuning start (e.g. DiT 256 -> 512): weights only, strict, with a fresh optimizer. A resume
         # takes everything from its checkpoint instead.
@@ -94,8 +108,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # PreemptionCheckpoint is not a config choice: no run may lose more than a step to SIGTERM / SIGUSR1.
     record = RunRecord(lambda: write_run_files(run_dir, provenance, resume_from))
     callbacks = [ModuleBookkeeping(), record, *_instantiate_all(cfg.get("callbacks")), PreemptionCheckpoint()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[AtomicCheckpointIO()])
+    trainer: L.Trainer = _build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                plugins=[AtomicCheckpointIO()])
     accumulation = datamodule.accumulate_grad_batches(trainer.world_size)
     if model.automatic_optimization:
         trainer.accumulate_grad_batches = accumulation
