@@ -4,20 +4,27 @@ sample grids."""
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from visgen.errors import ConfigValueError
 from visgen.sampling import balanced_labels, save_grid
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ModuleBookkeeping", "RunRecord", "StepLearningRateMonitor", "RunCheckpoint", "AtomicCheckpointIO",
-           "EveryNSteps", "SampleGrid"]
+           "EveryNSteps", "SampleGrid", "LogLines", "progress_bar"]
 
 
 class ModuleBookkeeping(L.Callback):
@@ -173,3 +180,78 @@ class SampleGrid(EveryNSteps):
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[str(path)], step=step)
         return path
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class LogLines(ProgressBar):
+    """Progress as plain log lines for output that is not a terminal (`| tee`, nohup, every SLURM job), where a bar
+    shows nothing until its final redraw. Every `every_n_steps` optimizer steps rank 0 logs one line (step, epoch,
+    loss, grad norm, lr, img/s, elapsed, ETA) through `logging`, so it reaches stdout and the run's `train.log`;
+    after each validation one line with the val metrics, and a last line when training ends."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._start: tuple[float, int] = (0.0, 0)
+        self._last: tuple[float, int] = (0.0, 0)  # (time, step) of the previous line: img/s and ETA over it
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last = (time.monotonic(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step > self._last[1]:
+            self._write(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > self._last[1]:
+            self._write(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        if self._enabled and trainer.is_global_zero and not trainer.sanity_checking and metrics:
+            values = " | ".join(f"{k} {float(v):.4g}" for k, v in sorted(metrics.items()))
+            log.info("validation at step %d (epoch %d): %s", trainer.global_step, trainer.current_epoch, values)
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        now, step = time.monotonic(), trainer.global_step
+        last_time, last_step = self._last
+        self._last = (now, step)
+        if not self._enabled or not trainer.is_global_zero:
+            return
+        total = trainer.max_steps if trainer.max_steps > 0 else None
+        parts = [f"step {step:,}" + (f"/{total:,}" if total else "") + f" (epoch {trainer.current_epoch})"]
+        metrics = trainer.callback_metrics
+        for key, name in (("train/loss", "loss"), ("train/grad_norm", "grad_norm")):
+            if key in metrics:
+                parts.append(f"{name} {float(metrics[key]):.4g}")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}")
+        seconds_per_step = (now - last_time) / max(step - last_step, 1)
+        batch = getattr(pl_module, "batch_global", None)
+        if batch and seconds_per_step > 0:
+            parts.append(f"{batch / seconds_per_step:,.0f} img/s")
+        parts.append(f"elapsed {_duration(now - self._start[0])}")
+        if total and step < total:
+            parts.append(f"ETA {_duration((total - step) * seconds_per_step)}")
+        log.info(" | ".join(parts))
+
+
+def progress_bar(mode: str = "auto", every_n_steps: int = 50) -> ProgressBar:
+    """The progress display: `bar` (Rich, for terminals), `lines` (LogLines) or `auto`: the bar when stdout is a
+    terminal, log lines every `every_n_steps` steps when it is not."""
+    if mode not in ("auto", "bar", "lines"):
+        raise ConfigValueError(f"callbacks.progress_bar.mode={mode!r} must be auto, bar or lines")
+    if mode == "bar" or (mode == "auto" and sys.stdout.isatty()):
+        return RichProgressBar()
+    return LogLines(every_n_steps)
