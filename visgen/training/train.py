@@ -66,8 +66,23 @@ def _drop_empty_log_dirs(loggers: list[Any]) -> None:
                 folder.rmdir()
 
 
+def _lightning_logs_once() -> None:
+    """Lightning gives its `lightning` logger a stderr handler of its own ("INFO: ...") and lets it propagate too, so
+    under Hydra, whose root handlers write stdout and train.log, every Lightning line was printed twice. Keep the
+    root's handlers only: each line once, and in train.log."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit `cfg.model` on `cfg.data` with `cfg.trainer`; return the final logged metrics."""
+    _lightning_logs_once()
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=False)  # data workers seed themselves (seed, epoch, rank, worker)
     run_dir = Path(cfg.paths.run_dir)
