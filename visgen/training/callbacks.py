@@ -5,6 +5,7 @@ sample grids."""
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 import os
 import sys
@@ -18,13 +19,13 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from visgen.errors import ConfigValueError
+from visgen.errors import ConfigValueError, UserError
 from visgen.sampling import balanced_labels, save_grid
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ModuleBookkeeping", "RunRecord", "StepLearningRateMonitor", "RunCheckpoint", "AtomicCheckpointIO",
-           "EveryNSteps", "SampleGrid", "LogLines", "progress_bar"]
+           "CheckpointWriteError", "EveryNSteps", "SampleGrid", "LogLines", "progress_bar"]
 
 
 class ModuleBookkeeping(L.Callback):
@@ -78,22 +79,39 @@ class StepLearningRateMonitor(LearningRateMonitor):
         super().on_train_batch_start(trainer, *args, **kwargs)
 
 
+def _out_of_space(err: BaseException | None) -> bool:
+    """Whether `err` is, or was raised while handling, a full disk or quota (torch.save reports ENOSPC as a
+    RuntimeError "enforce fail ... unexpected pos" whose context holds the OSError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written for want of space: the run stops, earlier checkpoints are intact."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a hidden temp file beside its final name, fsyncs it and renames it into place.
 
     Lightning's own save goes through fsspec, which stages the file in `$TMPDIR` and *moves* it: where `$TMPDIR`
     is another filesystem (node-local scratch, shared run dirs) that move is a copy, and a kill during it left a
     truncated `step_N.ckpt` under its final name. A rename within one directory is atomic on POSIX filesystems, so
-    the final name holds the old or the new complete file, never a part; a killed write leaves only a `.name.tmp*`
-    file, which `ckpt_path=last` ignores and the next save of that name replaces."""
+    the final name holds the old or the new complete file, never a part; a killed write leaves only a hidden
+    `.<name>.tmp*` file, which `ckpt_path=last` ignores and the next save removes."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}.tmp*"):  # left by a killed earlier write
-            stale.unlink(missing_ok=True)
+        for stale in target.parent.glob(".*.ckpt.tmp*"):  # left by a write killed with SIGKILL (nothing ran then)
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as file:
@@ -101,8 +119,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(tmp_name, target)
-        except BaseException:
+        except BaseException as err:
             Path(tmp_name).unlink(missing_ok=True)
+            if _out_of_space(err):
+                raise CheckpointWriteError(
+                    f"no space left to write checkpoint {target} (disk full or quota reached); the run stopped and "
+                    f"the earlier checkpoints in {target.parent} are intact. Free space (or raise the quota), then "
+                    "resume with ckpt_path=last") from err
             raise
         try:  # make the rename itself durable (a crash of the node right after it)
             dir_fd = os.open(target.parent, os.O_RDONLY)
