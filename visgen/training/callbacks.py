@@ -25,7 +25,7 @@ from visgen.sampling import balanced_labels, save_grid
 log = logging.getLogger(__name__)
 
 __all__ = ["ModuleBookkeeping", "RunRecord", "StepLearningRateMonitor", "RunCheckpoint", "AtomicCheckpointIO",
-           "CheckpointWriteError", "EveryNSteps", "SampleGrid", "LogLines", "progress_bar"]
+           "CheckpointWriteError", "EveryNSteps", "SampleGrid", "LogLines", "RunProgressBar", "progress_bar"]
 
 
 class ModuleBookkeeping(L.Callback):
@@ -140,13 +140,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, minus one rewrite: a run resumed from an epoch-boundary
+    """Lightning's ModelCheckpoint, minus one rewrite and one false warning: a run resumed from an epoch-boundary
     checkpoint replays that epoch's end hooks, and the stock callback then saves the same step again
     over the file it resumed from. Marking the resumed step as saved keeps that file untouched."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step
+
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath: Any) -> None:
+        """No "Checkpoint directory ... exists and is not empty" warning: train.py refuses a fresh start into an
+        occupied run dir, so a non-empty checkpoint dir here is always this run's own resume."""
 
 
 class EveryNSteps(L.Callback):
@@ -221,6 +225,7 @@ class LogLines(ProgressBar):
         self._enabled = True
         self._start: tuple[float, int] = (0.0, 0)
         self._last: tuple[float, int] = (0.0, 0)  # (time, step) of the previous line: img/s and ETA over it
+        self._batch_end: tuple[float, int] = (0.0, 0)  # (time, epoch) of the latest batch end
 
     def disable(self) -> None:
         self._enabled = False
@@ -233,12 +238,13 @@ class LogLines(ProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
+        self._batch_end = (time.monotonic(), trainer.current_epoch)
         if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step > self._last[1]:
             self._write(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step > self._last[1]:
-            self._write(trainer, pl_module)
+            self._write(trainer, pl_module)  # timed at the last batch, not after end-of-training grids
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
@@ -247,13 +253,13 @@ class LogLines(ProgressBar):
             log.info("validation at step %d (epoch %d): %s", trainer.global_step, trainer.current_epoch, values)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        now, step = time.monotonic(), trainer.global_step
+        (now, epoch), step = self._batch_end, trainer.global_step
         last_time, last_step = self._last
         self._last = (now, step)
         if not self._enabled or not trainer.is_global_zero:
             return
         total = trainer.max_steps if trainer.max_steps > 0 else None
-        parts = [f"step {step:,}" + (f"/{total:,}" if total else "") + f" (epoch {trainer.current_epoch})"]
+        parts = [f"step {step:,}" + (f"/{total:,}" if total else "") + f" (epoch {epoch})"]
         metrics = trainer.callback_metrics
         for key, name in (("train/loss", "loss"), ("train/grad_norm", "grad_norm")):
             if key in metrics:
@@ -270,11 +276,26 @@ class LogLines(ProgressBar):
         log.info(" | ".join(parts))
 
 
+class RunProgressBar(RichProgressBar):
+    """Lightning's rich bar without `Epoch 23/-2` (step-bounded runs have max_epochs=-1: the epoch alone is shown)
+    and without `v_num` (the CSV logger's version, which is not a metric)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
 def progress_bar(mode: str = "auto", every_n_steps: int = 50) -> ProgressBar:
     """The progress display: `bar` (Rich, for terminals), `lines` (LogLines) or `auto`: the bar when stdout is a
     terminal, log lines every `every_n_steps` steps when it is not."""
     if mode not in ("auto", "bar", "lines"):
         raise ConfigValueError(f"callbacks.progress_bar.mode={mode!r} must be auto, bar or lines")
     if mode == "bar" or (mode == "auto" and sys.stdout.isatty()):
-        return RichProgressBar()
+        return RunProgressBar()
     return LogLines(every_n_steps)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,37 @@ def _lightning_logs_once() -> None:
             if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
         logger.propagate = True
+    # and without Lightning's advertisement for its cloud logger, printed at every start
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in rank_zero_logger.filters):
+        rank_zero_logger.addFilter(_DropTips())
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud logging" not in record.getMessage()
+
+
+def _silence_warnings_that_do_not_apply() -> None:
+    """Lightning warnings that every visgen run would print although nothing is wrong (issue 12.7); each says why."""
+    for message in (
+        # Lightning 2.6's own pytree helper against torch's newer API: nothing a run can change.
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        # The shard stream defines __len__ on purpose (Lightning's epoch length) and splits itself over ranks and
+        # workers (visgen.data.stream), so every worker's length is exact.
+        r"Your `IterableDataset` has `__len__` defined",
+        # The EMA copy and the frozen tokenizer are in eval mode by design; the trained net is in train mode.
+        r"Found \d+ module\(s\) in eval mode at the start of training",
+        # The shard stream resumes mid-epoch itself (it skips the batches already used; README convention 9).
+        r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+    ):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit `cfg.model` on `cfg.data` with `cfg.trainer`; return the final logged metrics."""
     _lightning_logs_once()
+    _silence_warnings_that_do_not_apply()
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=False)  # data workers seed themselves (seed, epoch, rank, worker)
     run_dir = Path(cfg.paths.run_dir)
