@@ -135,3 +135,45 @@ def test_next_token_training_learns_a_class_dependent_code_pattern():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(torch.log(torch.tensor(16.0)).item(), abs=1e-4)  # zero head: uniform
     assert losses[-1] < 0.1 * losses[0]
+
+
+@pytest.fixture(scope="module")
+def demo_vq_file(tmp_path_factory) -> Path:
+    """A random-weight tokenizer in demo_vq's layout (8x8 codes of 256 entries), exported as `make demo-vq` does."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tests.tiny_run import CONF_DIR
+    from visgen.tokenizers.vq import save_vq_tokenizer
+
+    torch.manual_seed(0)
+    autoencoder = instantiate(OmegaConf.load(CONF_DIR / "model" / "tokenizer" / "layout" / "demo_vq.yaml"))
+    return save_vq_tokenizer(autoencoder.eval(), tmp_path_factory.mktemp("vq") / "tokenizer.safetensors", "demo_vq")
+
+
+def test_demo_preset_trains_end_to_end_and_its_checkpoint_samples_digits(tmp_path, digits_dir, demo_vq_file):
+    import csv
+
+    from hydra import compose, initialize_config_dir
+
+    from tests.tiny_run import CONF_DIR, TINY
+    from visgen.eval.checkpoint import load_checkpoint, load_net
+    from visgen.training.train import train
+
+    keep = [o for o in TINY if not o.startswith(("experiment=", "model.net.", "sampling.", "model.optimizer."))]
+    overrides = keep + ["experiment=demo_gpt", "trainer.max_steps=12", "model.net.hidden_size=32", "model.net.depth=1",
+                        "model.net.num_heads=2", "model.net.multiple_of=16", "model.optimizer.lr=1e-2",
+                        "model.optimizer.warmup_steps=0",
+                        f"model.tokenizer.pretrained={demo_vq_file}", f"paths.run_dir={tmp_path}",
+                        f"paths.data_dir={digits_dir}", f"paths.cache_dir={digits_dir / 'cache'}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    assert cfg.model.net.grid_size == 8 and cfg.model.net.vocab_size == 256 and cfg.sampling.cfg_scale > 1
+    train(cfg)
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.05)  # zero head: uniform codes
+    assert sum(losses[-3:]) / 3 < losses[0] - 1.0  # the codes' statistics are learned within 12 steps
+    assert (tmp_path / "samples").is_dir() and any((tmp_path / "samples").iterdir())  # the KV-cache sampler ran
+    net = load_net(load_checkpoint(tmp_path / "checkpoints" / "last.ckpt"))
+    assert isinstance(net, GPT) and net.grid_size == 8
