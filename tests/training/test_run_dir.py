@@ -1,5 +1,7 @@
 """The run directory: the checkpoint `ckpt_path=last` resumes from, and records only for starts that trained."""
 
+import time
+
 import pytest
 import torch
 
@@ -55,3 +57,19 @@ def test_resuming_a_finished_run_records_no_start(tmp_path, digits_dir):
     train(compose_train(run, digits_dir, "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0",
                         "ckpt_path=last"))
     assert _files(run) == before  # no run.resume1.json, no empty csv/version_1
+
+
+def test_every_missing_input_is_named_at_once_before_anything_is_built(tmp_path, digits_dir):
+    from visgen.errors import MissingInputError
+
+    run = tmp_path / "run"
+    start = time.monotonic()
+    with pytest.raises(MissingInputError) as caught:  # HF_HUB_OFFLINE=1 (conftest): the hub is never asked
+        train(compose_train(run, digits_dir, f"data.train_shards={tmp_path}/train.tar", "model/tokenizer=sd_vae_ema",
+                            f"model.init_from={tmp_path}/dit.pt"))
+    message = str(caught.value)
+    assert message.startswith("3 input(s) of this run are missing")
+    assert f"data.train_shards: shard spec '{tmp_path}/train.tar' matched no files" in message
+    assert f"model.init_from: no file {tmp_path}/dit.pt" in message
+    assert "model.tokenizer.pretrained: stabilityai/sd-vae-ft-ema is not in the local Hugging Face cache" in message
+    assert time.monotonic() - start < 10 and not run.exists()
