@@ -75,6 +75,8 @@ def test_halton_preset_samples_with_the_halton_order_and_constant_guidance():
     assert (s.cfg_schedule, s.cfg_scale) == ("constant", 1.5)
     assert (model.loss_on, model.label_smoothing, model.optimizer.weight_decay) == ("all", 0.0, 0.03)
     assert cfg.model.tokenizer.autoencoder.num_codes == model.net.codebook_size == 16384
+    # the released vq_ds16_c2i.pt carries LlamaGen's names: the LlamaGen converter, not key_format auto
+    assert cfg.model.tokenizer.key_format == "visgen.tokenizers.llamagen_keys.llamagen_vq_to_diffusers"
 
 
 @pytest.fixture(scope="module")
