@@ -117,7 +117,7 @@ def test_train_sbatch_on_two_nodes_is_preempted_requeued_and_resumes(cluster, tm
     assert {f"rank {r}/4" for r in range(4)} <= set(re.findall(r"rank \d/4", log)), log[-4000:]
     preempted = sorted((run_dir / "checkpoints").glob("preempted_step_*.ckpt"))
     assert len(preempted) == 1, sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    resumed = re.findall(r"resuming from (\S+)", log)
+    resumed = re.findall(r"resuming from (/\S+?\.ckpt)", log)
     assert resumed and resumed[-1] == str(preempted[0]), log[-4000:]
     import torch
 
