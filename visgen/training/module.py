@@ -37,10 +37,12 @@ EMA_PREFIX = "ema."
 
 def param_groups(net: nn.Module, weight_decay: float, decay_min_ndim: int) -> list[dict[str, Any]]:
     """Split trainable parameters: weights with ndim >= decay_min_ndim decay, the rest (biases,
-    norms, 1-D embeddings) do not (nanoGPT's rule with decay_min_ndim=2)."""
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= decay_min_ndim]
-    no_decay = [p for p in trainable if p.ndim < decay_min_ndim]
+    norms, 1-D embeddings) do not (nanoGPT's rule with decay_min_ndim=2). A net may exempt more by name
+    with timm's `no_weight_decay()` method (a set of parameter names; MAR: its whole DiffLoss)."""
+    exempt = set(net.no_weight_decay()) if callable(getattr(net, "no_weight_decay", None)) else set()
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= decay_min_ndim and n not in exempt]
+    no_decay = [p for n, p in trainable if p.ndim < decay_min_ndim or n in exempt]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
