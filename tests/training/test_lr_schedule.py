@@ -47,8 +47,9 @@ def test_bad_schedules_are_refused_with_the_config_key() -> None:
     ("model.optimizer.lr=-1", "model.optimizer.lr=-1 must be >= 0"),
     ("model.optimizer.betas=[0.9,1.5]", r"model.optimizer.betas=\[0.9, 1.5\] must be two numbers in \[0, 1\)"),
     ("model.optimizer.warmup_steps=-5", "model.optimizer.warmup_steps=-5 must be >= 0"),
+    ("+trainer.max_stepz=5", r"trainer.max_stepz is not a setting of Lightning's Trainer; did you mean trainer.max_st"),
 ])
-def test_an_optimizer_setting_that_cannot_work_is_named_before_training(tmp_path, digits_dir, override, message):
+def test_a_setting_that_cannot_work_is_named_before_training(tmp_path, digits_dir, override, message):
     from visgen.errors import ConfigValueError
 
     with pytest.raises(ConfigValueError, match=message):

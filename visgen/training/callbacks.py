@@ -30,7 +30,8 @@ __all__ = ["ModuleBookkeeping", "RunRecord", "StepLearningRateMonitor", "RunChec
 
 class ModuleBookkeeping(L.Callback):
     """The module's per-step bookkeeping, done before any other callback looks (train.py puts this one first):
-    the EMA update at batch end and, at the first batch after a resume, the step metrics are logged under.
+    the EMA update at batch end, at the first batch after a resume the step metrics are logged under, and the
+    last step's metrics always logged.
 
     Lightning calls every callback's batch hooks before the module's own, so an EMA updated in the module's hook
     was one step behind in step checkpoints (a resume then skipped that update for good) and in sample grids, and
@@ -45,6 +46,12 @@ class ModuleBookkeeping(L.Callback):
         update = getattr(pl_module, "update_ema", None)
         if update is not None:
             update()
+        connector = trainer._logger_connector
+        if 0 < trainer.max_steps <= trainer.global_step and not connector.should_update_logs:
+            # The last step: Lightning logs a step only every log_every_n_steps, so a run shorter than that interval
+            # (or ending between two) lost its final metrics. Logged here as Lightning would (same step, same
+            # values); not via should_stop, which would also add a validation pass.
+            connector.log_metrics(connector.metrics["log"])
 
 
 class RunRecord(L.Callback):

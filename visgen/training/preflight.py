@@ -15,9 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from visgen.errors import MissingInputError
+from visgen.errors import ConfigValueError, MissingInputError
 
-__all__ = ["missing_inputs", "check_inputs", "HUB_HOST"]
+__all__ = ["missing_inputs", "check_inputs", "check_trainer_keys", "HUB_HOST"]
 
 HUB_HOST = ("huggingface.co", 443)
 HUB_TIMEOUT_S = 3.0
@@ -123,3 +123,22 @@ def check_inputs(cfg: DictConfig) -> None:
     problems = missing_inputs(cfg)
     if problems:
         raise MissingInputError(f"{len(problems)} input(s) of this run are missing: " + " | ".join(problems))
+
+
+def check_trainer_keys(trainer_cfg: DictConfig) -> None:
+    """Refuse a `trainer.<key>` that Lightning's Trainer does not take, with close matches. Hydra's own hint for a
+    typo (`+trainer.max_stepz=5` "to append") leads past struct mode to a late TypeError in Trainer.__init__."""
+    import difflib
+    import inspect
+
+    import lightning as L
+
+    if trainer_cfg.get("_target_") not in ("lightning.pytorch.Trainer", "lightning.Trainer"):
+        return
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    for key in trainer_cfg:
+        if str(key).startswith("_") or key in accepted:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(accepted), n=3)
+        hint = f"did you mean {', '.join('trainer.' + c for c in close)}?" if close else "see Lightning's Trainer"
+        raise ConfigValueError(f"trainer.{key} is not a setting of Lightning's Trainer; {hint}")

@@ -26,7 +26,7 @@ from visgen.training.launch import (
     slurm_restart_count,
 )
 from visgen.training.preemption import Preempted, PreemptionCheckpoint
-from visgen.training.preflight import check_inputs
+from visgen.training.preflight import check_inputs, check_trainer_keys
 from visgen.training.run import (
     check_resume_compatible,
     collect_provenance,
@@ -111,6 +111,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit `cfg.model` on `cfg.data` with `cfg.trainer`; return the final logged metrics."""
     _lightning_logs_once()
     _silence_warnings_that_do_not_apply()
+    check_trainer_keys(cfg.trainer)
     check_inputs(cfg)  # every missing shard, cache or weights file at once, before anything is built or written
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=False)  # data workers seed themselves (seed, epoch, rank, worker)
