@@ -47,6 +47,7 @@ def test_bad_schedules_are_refused_with_the_config_key() -> None:
     ("model.optimizer.lr=-1", "model.optimizer.lr=-1 must be >= 0"),
     ("model.optimizer.betas=[0.9,1.5]", r"model.optimizer.betas=\[0.9, 1.5\] must be two numbers in \[0, 1\)"),
     ("model.optimizer.warmup_steps=-5", "model.optimizer.warmup_steps=-5 must be >= 0"),
+    ("callbacks.sample_grid.num_images=0", r"callbacks.sample_grid: every_n_steps=4 must be >= 0 .* num_images=0 >= 1"),
     ("+trainer.max_stepz=5", r"trainer.max_stepz is not a setting of Lightning's Trainer; did you mean trainer.max_st"),
 ])
 def test_a_setting_that_cannot_work_is_named_before_training(tmp_path, digits_dir, override, message):

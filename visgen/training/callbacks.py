@@ -188,6 +188,9 @@ class SampleGrid(EveryNSteps):
     """
 
     def __init__(self, every_n_steps: int = 5000, num_images: int = 64, seed: int = 0):
+        if every_n_steps < 0 or num_images < 1:
+            raise ConfigValueError(f"callbacks.sample_grid: every_n_steps={every_n_steps} must be >= 0 (0: only at the "
+                                   f"end) and num_images={num_images} >= 1; to drop grids, ~callbacks.sample_grid")
         self.every_n_steps = every_n_steps
         self.num_images = num_images
         self.seed = seed
