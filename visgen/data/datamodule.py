@@ -12,14 +12,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from visgen.data.cached import CachedStream, CacheMismatchError, check_tokenizer, read_cache_info
-from visgen.data.loss import DataLossError
-from visgen.data.stream import ShardStream
+from visgen.data.loss import DataLossError, shard_counts
+from visgen.data.stream import ShardStream, exact_epoch_counts, expand_shard_spec
 
 log = logging.getLogger(__name__)
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """Train (resampled, seeded per epoch/rank/worker) and val (each sample once) loaders over tar shards."""
+    """Train (exact epochs or resampled, seeded per epoch/rank/worker) and val (each sample once) loaders over
+    tar shards."""
 
     def __init__(
         self,
@@ -27,7 +28,7 @@ class ShardDataModule(pl.LightningDataModule):
         val_shards: str | None,
         image_size: int,
         num_classes: int,
-        num_train_samples: int,
+        num_train_samples: int | None,
         batch_global: int,
         batch_per_device: int,
         num_workers: int = 2,
@@ -37,9 +38,16 @@ class ShardDataModule(pl.LightningDataModule):
         val_batch_per_device: int | None = None,
         resize: bool = False,
         max_lost_fraction: float = 0.001,
+        train_stream: str = "resampled",
+        counts_file: str | None = None,
     ) -> None:
         """Store plain config values (Hydra-friendly); shards are only opened when a loader is built.
 
+        `train_stream`: `exact` reads every sample at most once per epoch (shards permuted per (seed, epoch),
+        a counted tail of fewer than batch_global samples dropped, so every rank gets the same batches; needs
+        per-shard counts: manifest.json, cache.json or _info.json beside the shards, or `counts_file`);
+        `resampled` draws shards with replacement (webdataset's resampled mode; any shards, no counts).
+        `num_train_samples`: samples per epoch; null with `exact` takes the shards' count (checked otherwise).
         `resize`: ADM-center-crop images of any size to image_size (else a size mismatch is an error).
         `max_lost_fraction`: stop when more than this fraction of a rank's epoch (train) or pass (val) could
         not be read (corrupt samples plus unreadable shard tails); 0 stops at the first loss.
@@ -54,16 +62,24 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"data.batch_global={batch_global} is not a multiple of data.batch_per_device="
                              f"{batch_per_device}; set batch_global = batch_per_device x devices x "
                              "gradient accumulation")
-        if num_train_samples < batch_global:
-            raise ValueError(f"data.num_train_samples={num_train_samples} is smaller than data.batch_global="
-                             f"{batch_global}, so an epoch has no optimizer step; lower batch_global")
+        if train_stream not in ("exact", "resampled"):
+            raise ValueError(f"data.train_stream={train_stream!r} must be exact (each sample once per epoch) or "
+                             "resampled (shards drawn with replacement)")
+        if num_train_samples is None and train_stream != "exact":
+            raise ValueError("data.num_train_samples=null takes the count from the shards' manifest, which only "
+                             "data.train_stream=exact reads; set data.num_train_samples or use exact epochs")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.image_size = image_size
         self.num_classes = num_classes
-        self.num_train_samples = num_train_samples
+        self.train_stream = train_stream
+        self.counts_file = counts_file
+        self._num_train_samples = num_train_samples
+        self._checked_num_train_samples: int | None = None
+        if num_train_samples is not None:
+            self._check_epoch_has_a_step(num_train_samples, batch_global)
         self.batch_global = batch_global
         self.batch_per_device = batch_per_device
         self.num_workers = num_workers
@@ -89,6 +105,35 @@ class ShardDataModule(pl.LightningDataModule):
                              "batch_global or batch_per_device so that batch_global is a multiple of "
                              "batch_per_device x number of devices")
         return self.batch_global // per_step
+
+    @staticmethod
+    def _check_epoch_has_a_step(num_train_samples: int, batch_global: int) -> None:
+        if num_train_samples < batch_global:
+            raise ValueError(f"data.num_train_samples={num_train_samples} is smaller than data.batch_global="
+                             f"{batch_global}, so an epoch has no optimizer step; lower batch_global")
+
+    @property
+    def num_train_samples(self) -> int:
+        """Samples per epoch: data.num_train_samples, checked against (or, when null, taken from) the per-shard
+        counts for exact epochs."""
+        if self._checked_num_train_samples is None:
+            self._checked_num_train_samples = self._resolve_num_train_samples()
+        return self._checked_num_train_samples
+
+    def _resolve_num_train_samples(self) -> int:
+        configured = self._num_train_samples
+        if self.train_stream != "exact":
+            assert configured is not None
+            return configured
+        urls = expand_shard_spec(self.train_shards)
+        total = sum(exact_epoch_counts(self.train_shards, urls, shard_counts(urls, self.counts_file),
+                                       self.counts_file))
+        if configured is not None and configured != total:
+            raise ValueError(f"data.num_train_samples={configured} but the shards {self.train_shards!r} hold "
+                             f"{total} samples (their per-shard counts); set data.num_train_samples=null to take "
+                             "the shards' count, or point data.train_shards at the whole set")
+        self._check_epoch_has_a_step(total, self.batch_global)
+        return total
 
     @property
     def steps_per_epoch(self) -> int:
@@ -117,7 +162,7 @@ class ShardDataModule(pl.LightningDataModule):
         return trainer.world_size, trainer.global_rank
 
     def train_dataloader(self) -> DataLoader:
-        """Resampled loader yielding exactly samples_per_rank samples per rank per epoch, in whole batches."""
+        """Loader yielding exactly samples_per_rank samples per rank per epoch, in whole batches."""
         world_size, rank = self._world()
         accumulation = self.accumulate_grad_batches(world_size)
         trainer = getattr(self, "trainer", None)
@@ -132,9 +177,12 @@ class ShardDataModule(pl.LightningDataModule):
                             "datamodule.accumulate_grad_batches(world_size)",
                             trainer_accumulation, self.batch_global, self.batch_per_device, world_size,
                             accumulation)
+        exact = self.train_stream == "exact"
         stream = self.make_stream(
             self.train_shards,
-            resampled=True,
+            resampled=not exact,
+            exact=exact,
+            counts_file=self.counts_file,
             random_flip=self.random_flip,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
@@ -145,6 +193,11 @@ class ShardDataModule(pl.LightningDataModule):
         )
         stream.set_epoch(self.epoch, self.skip_batches)
         self._train_stream = stream
+        if exact and rank == 0:
+            log.info("exact epochs: %d samples in %d shards, %d steps x %d samples = %d read per epoch in an order "
+                     "permuted per (seed, epoch); the %d after them are dropped (other samples every epoch)",
+                     stream.num_samples_total, len(stream.urls), self.steps_per_epoch, self.batch_global,
+                     self.steps_per_epoch * self.batch_global, stream.dropped_per_epoch)
         return self._loader(stream, self.batch_per_device, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -211,7 +264,7 @@ class ShardDataModule(pl.LightningDataModule):
             return None
         corrupt, tail_samples, tails = stream.loss.totals()
         return {"lost_samples": corrupt + tail_samples, "corrupt": corrupt, "tails": tails,
-                "delivered": self._delivered[split]}
+                "repeated": stream.loss.repeated(), "delivered": self._delivered[split]}
 
     def end_loss_period(self, split: str) -> None:
         """Log this rank's summary (shards and counts) if anything was lost, then start counting afresh."""
@@ -221,9 +274,10 @@ class ShardDataModule(pl.LightningDataModule):
         report = self.loss_report(split)
         if report and (report["lost_samples"] or report["tails"]):
             _, rank = self._world()
-            log.warning("rank %d %s epoch %d: lost %d samples (%d corrupt, %d unreadable shard tails) of %d read: %s",
-                        rank, split, self.epoch, report["lost_samples"], report["corrupt"], report["tails"],
-                        report["delivered"] + report["lost_samples"], stream.loss.describe())
+            repeated = f"; {report['repeated']} read twice to keep whole batches" if report["repeated"] else ""
+            log.warning("rank %d %s epoch %d: lost %d samples (%d corrupt, %d unreadable shard tails) of %d read%s: "
+                        "%s", rank, split, self.epoch, report["lost_samples"], report["corrupt"], report["tails"],
+                        report["delivered"] + report["lost_samples"], repeated, stream.loss.describe())
         stream.loss.reset()
         self._delivered[split] = 0
 
@@ -292,12 +346,13 @@ class DataLossMonitor(pl.Callback):
         report = datamodule.loss_report(split)
         if report is None:
             return
-        values = torch.tensor([report["lost_samples"], report["delivered"], report["tails"]], dtype=torch.float64,
-                              device=pl_module.device)
-        gathered = pl_module.all_gather(values).reshape(-1, 3)  # (world, 3)
-        lost, delivered, tails = gathered.sum(dim=0).tolist()
+        values = torch.tensor([report["lost_samples"], report["delivered"], report["tails"], report["repeated"]],
+                              dtype=torch.float64, device=pl_module.device)
+        gathered = pl_module.all_gather(values).reshape(-1, 4)  # (world, 4)
+        lost, delivered, tails, repeated = gathered.sum(dim=0).tolist()
         metrics = {f"data/{split}_lost_samples": lost, f"data/{split}_lost_tails": tails,
-                   f"data/{split}_lost_fraction": lost / max(lost + delivered, 1.0)}
+                   f"data/{split}_lost_fraction": lost / max(lost + delivered, 1.0),
+                   f"data/{split}_repeated_samples": repeated}
         if gathered.shape[0] > 1:
             metrics.update({f"data/{split}_lost_samples_rank{r}": float(v) for r, v in enumerate(gathered[:, 0])})
         pl_module.log_dict(metrics, rank_zero_only=True)

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DataLossError", "LossCounter", "shard_counts"]
 
-CORRUPT, TAIL_SAMPLES, TAILS = 0, 1, 2  # columns of the count tensor
+CORRUPT, TAIL_SAMPLES, TAILS, REPEATS = 0, 1, 2, 3  # columns of the count tensor
+_COLUMNS = 4
 _COUNT_FILES = ("manifest.json", "cache.json", "_info.json")
 
 
@@ -43,9 +44,30 @@ def _json_file(path: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def shard_counts(urls: Sequence[str]) -> dict[str, int]:
-    """Samples per shard, for the local shards whose folder holds a manifest.json, cache.json or _info.json."""
+def _counts_in(info: dict[str, Any], known: dict[str, int]) -> None:
+    """Add the per-shard counts a manifest.json / cache.json (`shards`) or timm _info.json (`splits`) lists."""
+    for entry in info.get("shards", []) if isinstance(info.get("shards"), list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and type(entry.get("count")) is int:
+            known.setdefault(entry["name"], entry["count"])
+    splits = info.get("splits")
+    for split in splits.values() if isinstance(splits, dict) else []:  # timm's _info.json
+        if isinstance(split, dict):
+            for file, count in zip(split.get("filenames", []), split.get("shard_lengths", []), strict=False):
+                if isinstance(file, str) and type(count) is int:
+                    known.setdefault(os.path.basename(file), count)
+
+
+def shard_counts(urls: Sequence[str], counts_file: str | None = None) -> dict[str, int]:
+    """Samples per shard, by file name: from `counts_file` (a manifest.json, cache.json or _info.json; also for
+    remote shards) and, for local shards, from those files in the shards' folder."""
     counts: dict[str, int] = {}
+    from_file: dict[str, int] = {}
+    if counts_file:
+        info = _json_file(counts_file)
+        if info is None:
+            raise FileNotFoundError(f"data.counts_file={counts_file!r} is not a readable JSON object; point it at "
+                                    "the shards' manifest.json, cache.json or _info.json")
+        _counts_in(info, from_file)
     by_folder: dict[str, list[str]] = {}
     for url in urls:
         path = url.removeprefix("file:")
@@ -55,33 +77,30 @@ def shard_counts(urls: Sequence[str]) -> dict[str, int]:
         known: dict[str, int] = {}
         for name in _COUNT_FILES:
             info = _json_file(os.path.join(folder or ".", name))
-            if info is None:
-                continue
-            for entry in info.get("shards", []) if isinstance(info.get("shards"), list) else []:
-                if isinstance(entry, dict) and isinstance(entry.get("name"), str) and type(entry.get("count")) is int:
-                    known.setdefault(entry["name"], entry["count"])
-            splits = info.get("splits")
-            for split in splits.values() if isinstance(splits, dict) else []:  # timm's _info.json
-                if isinstance(split, dict):
-                    for file, count in zip(split.get("filenames", []), split.get("shard_lengths", []), strict=False):
-                        if isinstance(file, str) and type(count) is int:
-                            known.setdefault(os.path.basename(file), count)
+            if info is not None:
+                _counts_in(info, known)
         for url in folder_urls:
             if os.path.basename(url) in known:
                 counts[url] = known[os.path.basename(url)]
+    for url in urls:
+        tars = [word for word in url.split() if ".tar" in word]  # 'pipe:aws s3 cp s3://b/train-000001.tar -'
+        name = os.path.basename(tars[-1] if tars else url)
+        if url not in counts and name in from_file:
+            counts[url] = from_file[name]
     return counts
 
 
 class LossCounter:
-    """Counts per (worker slot, shard): corrupt samples, samples lost in unreadable tails, tail events."""
+    """Counts per (worker slot, shard): corrupt samples, samples lost in unreadable tails, tail events, and
+    samples an exact epoch repeated to fill a quota the losses left short."""
 
     def __init__(self, urls: Sequence[str], slots: int = 1):
         self.urls = list(urls)
-        self.counts = torch.zeros(max(slots, 1), len(self.urls), 3, dtype=torch.int64)  # (slots, shards, 3)
+        self.counts = torch.zeros(max(slots, 1), len(self.urls), _COLUMNS, dtype=torch.int64)  # (slots, shards, 4)
 
     def share(self, slots: int) -> None:
         """Reallocate with `slots` rows in shared memory, so DataLoader worker processes can add to it."""
-        self.counts = torch.zeros(max(slots, 1), len(self.urls), 3, dtype=torch.int64).share_memory_()
+        self.counts = torch.zeros(max(slots, 1), len(self.urls), _COLUMNS, dtype=torch.int64).share_memory_()
 
     def add(self, slot: int, shard: int, column: int, amount: int = 1) -> None:
         self.counts[min(slot, self.counts.shape[0] - 1), shard, column] += amount
@@ -91,8 +110,12 @@ class LossCounter:
 
     def totals(self) -> tuple[int, int, int]:
         """(corrupt samples, samples lost in tails, tail events) over all workers and shards."""
-        corrupt, tail_samples, tails = self.counts.sum(dim=(0, 1)).tolist()
+        corrupt, tail_samples, tails, _ = self.counts.sum(dim=(0, 1)).tolist()
         return int(corrupt), int(tail_samples), int(tails)
+
+    def repeated(self) -> int:
+        """Samples yielded a second time in an exact epoch (to keep every rank's batch count)."""
+        return int(self.counts[..., REPEATS].sum())
 
     def lost(self) -> int:
         corrupt, tail_samples, _ = self.totals()
@@ -100,12 +123,12 @@ class LossCounter:
 
     def describe(self, limit: int = 10) -> str:
         """'train-000003.tar: 224 samples (1 cut tail); ...' for the shards with losses, worst first."""
-        per_shard = self.counts.sum(dim=0)  # (shards, 3)
+        per_shard = self.counts.sum(dim=0)  # (shards, 4)
         lost = per_shard[:, CORRUPT] + per_shard[:, TAIL_SAMPLES]
         order = torch.argsort(lost * 1_000_000 + per_shard[:, TAILS], descending=True).tolist()
         parts = []
         for index in order:
-            corrupt, tail_samples, tails = per_shard[index].tolist()
+            corrupt, tail_samples, tails, _ = per_shard[index].tolist()
             if not (corrupt or tails):
                 break
             what = [f"{corrupt} corrupt samples"] if corrupt else []

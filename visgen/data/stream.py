@@ -15,7 +15,7 @@ import os
 import random
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import braceexpand
@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from visgen.data.loss import CORRUPT, TAIL_SAMPLES, TAILS, LossCounter, shard_counts
+from visgen.data.loss import CORRUPT, REPEATS, TAIL_SAMPLES, TAILS, LossCounter, shard_counts
 from visgen.data.shards import IMAGE_EXTENSIONS, ShardTailError, iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,41 @@ def worker_share(total: int, worker_id: int, num_workers: int) -> int:
     return total // num_workers + (1 if worker_id < total % num_workers else 0)
 
 
+def exact_epoch_counts(spec: str, urls: list[str], counts: dict[str, int], counts_file: str | None) -> list[int]:
+    """Every shard's sample count in `urls` order; an error naming the fix when one is not known."""
+    unknown = [url for url in urls if url not in counts]
+    if unknown:
+        raise ValueError(
+            f"data.train_stream=exact needs the sample count of every shard, but {len(unknown)} of {len(urls)} "
+            f"shards of {spec!r} (first: {unknown[0]}) are listed in no manifest.json, cache.json or _info.json "
+            f"beside them{f' nor in {counts_file}' if counts_file else ''}; write the shards with python -m "
+            "visgen.data.writer (it writes manifest.json), set data.counts_file to such a file, or use "
+            "data.train_stream=resampled")
+    return [counts[url] for url in urls]
+
+
+def epoch_permutation(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The shard order of an exact epoch: one permutation per (seed, epoch) that every rank and worker shares."""
+    order = list(range(num_shards))
+    random.Random(worker_seed(seed, epoch, -1, -1)).shuffle(order)  # rank = worker = -1: not any worker's rng
+    return order
+
+
+def plan_range(counts: Sequence[int], order: Sequence[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(shard, skip, take) pieces covering positions [start, stop) of an epoch that reads the shards in `order`
+    (each shard's samples in file order); `counts[shard]` is the shard's sample count."""
+    pieces: list[tuple[int, int, int]] = []
+    offset = 0
+    for shard in order:
+        low, high = max(start, offset), min(stop, offset + counts[shard])
+        if low < high:
+            pieces.append((shard, low - offset, high - low))
+        offset += counts[shard]
+        if offset >= stop:
+            break
+    return pieces
+
+
 def buffer_shuffle(samples: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
     """Shuffle a stream with a fixed-size buffer driven only by `rng`, so the order is reproducible."""
     # webdataset's own shuffle stage seeds itself from time/pid, which would break exact resume; this one
@@ -153,20 +188,31 @@ class ShardStream(IterableDataset):
         batch_size: int = 1,
         num_classes: int | None = None,
         resize: bool = False,
+        exact: bool = False,
+        counts_file: str | None = None,
     ) -> None:
         """Check the arguments and expand the shard spec (a missing shard fails here, not in a worker).
 
         `resize=False` requires every image to be image_size x image_size (an error otherwise); True applies
         ADM's center crop (what ImageNet training does to images of any size).
+        `exact=True` (train streams, not resampled): every epoch reads each sample at most once, in a shard order
+        permuted per (seed, epoch); rank r takes positions [r x samples_per_rank, (r + 1) x samples_per_rank) of
+        that order and its workers contiguous whole-batch parts of it, so every rank gets the same number of
+        batches; the last `dropped_per_epoch` positions (fewer than world_size x batch_size unless
+        samples_per_rank asks for fewer) are not read that epoch. Needs per-shard counts: manifest.json,
+        cache.json or _info.json beside the shards, or `counts_file` (one of those, matched by file name).
         """
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"ShardStream: rank={rank} must be in [0, world_size={world_size})")
         if batch_size <= 0:
             raise ValueError(f"ShardStream: batch_size={batch_size} must be positive")
-        if resampled:
+        if exact and resampled:
+            raise ValueError("ShardStream: exact=True reads each sample once per epoch; it cannot also be "
+                             "resampled (data.train_stream is either exact or resampled)")
+        if resampled or exact:
             if samples_per_rank is None or samples_per_rank <= 0:
-                raise ValueError(f"ShardStream(resampled=True) needs samples_per_rank > 0, got "
+                raise ValueError(f"ShardStream(resampled/exact=True) needs samples_per_rank > 0, got "
                                  f"{samples_per_rank}; pass the exact number of samples each rank yields "
                                  "per epoch")
             if samples_per_rank % batch_size != 0:
@@ -188,8 +234,11 @@ class ShardStream(IterableDataset):
         self.resize = resize
         self.epoch = 0
         self.skip_batches = 0
+        self.exact = exact
         self.url_index = {url: index for index, url in enumerate(self.urls)}
-        self.expected_counts = shard_counts(self.urls)  # samples per shard, where the folder says
+        self.expected_counts = shard_counts(self.urls, counts_file)  # samples per shard, where the folder says
+        if exact:
+            self._check_exact(counts_file)
         #: What could not be read, per worker and shard; `loss.share(num_workers)` before handing it to workers.
         self.loss = LossCounter(self.urls)
 
@@ -203,6 +252,38 @@ class ShardStream(IterableDataset):
         """Shard reads that ended in an unreadable tail so far."""
         return self.loss.totals()[TAILS]
 
+    @property
+    def num_repeated(self) -> int:
+        """Samples an exact epoch yielded twice to fill a quota that lost samples left short."""
+        return self.loss.repeated()
+
+    @property
+    def num_samples_total(self) -> int:
+        """Samples in all shards, from the per-shard counts (exact streams)."""
+        return sum(self.expected_counts[url] for url in self.urls)
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples an exact epoch does not read: the tail of its order beyond world_size x samples_per_rank."""
+        return self.num_samples_total - self.world_size * (self.samples_per_rank or 0)
+
+    def _check_exact(self, counts_file: str | None) -> None:
+        """Exact epochs need every shard's count, and enough samples for every rank's quota."""
+        exact_epoch_counts(self.spec, self.urls, self.expected_counts, counts_file)
+        assert self.samples_per_rank is not None
+        if self.dropped_per_epoch < 0:
+            raise ValueError(
+                f"ShardStream: {self.world_size} ranks x samples_per_rank={self.samples_per_rank} need "
+                f"{self.world_size * self.samples_per_rank} samples per exact epoch but the shards of "
+                f"{self.spec!r} hold {self.num_samples_total}; set data.num_train_samples to at most that")
+
+    def worker_range(self, logical_id: int, num_workers: int) -> tuple[int, int]:
+        """Positions [start, stop) of the exact epoch's order that logical worker `logical_id` reads."""
+        num_batches = (self.samples_per_rank or 0) // self.batch_size
+        before = sum(worker_share(num_batches, j, num_workers) for j in range(logical_id)) * self.batch_size
+        start = self.rank * (self.samples_per_rank or 0) + before
+        return start, start + self.worker_num_samples(logical_id, num_workers)
+
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch (reseeds every worker) and how many of this rank's batches were already used."""
         if skip_batches < 0:
@@ -211,8 +292,8 @@ class ShardStream(IterableDataset):
         self.skip_batches = skip_batches
 
     def __len__(self) -> int:
-        """Samples this rank yields per epoch (resampled streams only; others have no known length)."""
-        if not self.resampled or self.samples_per_rank is None:
+        """Samples this rank yields per epoch (resampled and exact streams; others have no known length)."""
+        if not (self.resampled or self.exact) or self.samples_per_rank is None:
             raise TypeError("a non-resampled ShardStream has no length until it has been read")
         return self.samples_per_rank
 
@@ -226,15 +307,15 @@ class ShardStream(IterableDataset):
         """Yield what worker `worker_id` of `num_workers` on this rank yields (explicit for tests)."""
         if not 0 <= worker_id < num_workers:
             raise ValueError(f"ShardStream: worker_id={worker_id} must be in [0, num_workers={num_workers})")
-        if self.resampled:
-            return self._iter_resampled(worker_id, num_workers)
+        if self.resampled or self.exact:
+            return self._iter_quota(worker_id, num_workers)
         return self._iter_sequential(worker_id, num_workers)
 
     def worker_num_samples(self, worker_id: int, num_workers: int) -> int:
         """Samples a resampled worker yields per epoch: its share of whole batches times the batch size."""
         if self.samples_per_rank is None:
             raise ValueError(f"ShardStream({self.spec!r}).worker_num_samples needs samples_per_rank; it is "
-                             "only defined for resampled streams")
+                             "only defined for resampled and exact streams")
         num_batches = self.samples_per_rank // self.batch_size
         return worker_share(num_batches, worker_id, num_workers) * self.batch_size
 
@@ -247,8 +328,9 @@ class ShardStream(IterableDataset):
         global_worker = self.rank * num_workers + worker_id
         return self.urls[global_worker::num_global_workers]
 
-    def _iter_resampled(self, worker_id: int, num_workers: int) -> Iterator[ImageLabel]:
-        """Draw shards with replacement, buffer-shuffle and flip from one (seed, epoch, rank, worker) rng."""
+    def _iter_quota(self, worker_id: int, num_workers: int) -> Iterator[ImageLabel]:
+        """A worker's exact quota of whole batches: resampled shards, or its part of the exact epoch's order;
+        buffer-shuffled and flipped from one (seed, epoch, rank, worker) rng."""
         # The DataLoader takes batches round-robin from workers 0, 1, ...; logical worker r holds the rank's
         # batches r, r + W, ... (earlier workers get the extra one). A new iterator always starts at worker 0,
         # so after `skip_batches` = k used batches, physical worker w plays logical worker (w + k) % W and
@@ -258,12 +340,30 @@ class ShardStream(IterableDataset):
         quota = self.worker_num_samples(logical_id, num_workers)
         num_to_skip = worker_share(self.skip_batches, logical_id, num_workers) * self.batch_size
         state = _PassState(worker_id)
-        raw_samples = buffer_shuffle(self._resampled_raw(rng, state), self.shuffle_buffer, rng)
+        if self.exact:
+            pieces = plan_range([self.expected_counts[url] for url in self.urls],
+                                epoch_permutation(len(self.urls), self.seed, self.epoch),
+                                *self.worker_range(logical_id, num_workers))
+            source = self._exact_raw(pieces, state)
+        else:
+            source = self._resampled_raw(rng, state)
+        raw_samples = buffer_shuffle(source, self.shuffle_buffer, rng)
         produced = 0
         failures_in_row = 0
         try:
             while produced < quota:
-                raw = next(raw_samples)
+                raw = next(raw_samples, None)
+                if raw is None:
+                    # Exact epochs only: lost samples left the quota short; repeat the part read (counted) so
+                    # this rank still yields as many batches as every other rank.
+                    if state.repeat_passes >= 1 and state.yielded_in_pass == 0:
+                        raise RuntimeError(f"rank {self.rank} worker {worker_id} epoch {self.epoch}: no readable "
+                                           f"sample in its part of {self.spec!r}; check the shards (warnings above)")
+                    state.repeat_passes += 1
+                    state.yielded_in_pass = 0
+                    raw_samples.close()
+                    raw_samples = self._exact_raw(pieces, state, repeat=True)
+                    continue
                 item = self._item(raw, rng, state)
                 if item is None:
                     failures_in_row += 1
@@ -272,6 +372,10 @@ class ShardStream(IterableDataset):
                                            "corrupt; check the shards (see the warnings above)")
                     continue
                 failures_in_row = 0
+                state.yielded_in_pass += 1
+                if state.repeat_passes:
+                    self.loss.add(state.slot, self.url_index.get(raw.get("__url__"), 0), REPEATS)
+                    state.repeated += 1
                 # Skipped samples are still decoded and flipped so the rng advances exactly as before.
                 if produced >= num_to_skip:
                     yield item
@@ -279,6 +383,12 @@ class ShardStream(IterableDataset):
         finally:
             raw_samples.close()
             self._report(state)
+
+    def _exact_raw(self, pieces: list[tuple[int, int, int]], state: _PassState,
+                   repeat: bool = False) -> Iterator[dict[str, Any]]:
+        """Raw samples of (shard, skip, take) pieces: `take` samples after the first `skip` of each shard."""
+        for shard, skip, take in pieces:
+            yield from self._read_shard(self.urls[shard], state, window=(skip, take), count_loss=not repeat)
 
     def _resampled_raw(self, rng: random.Random, state: _PassState) -> Iterator[dict[str, Any]]:
         """Endless raw samples from shards drawn uniformly with replacement."""
@@ -308,31 +418,47 @@ class ShardStream(IterableDataset):
         finally:
             self._report(state)
 
-    def _read_shard(self, url: str, state: _PassState) -> Iterator[dict[str, Any]]:
-        """Raw samples (member name -> bytes) of one shard; an unreadable tail is counted and logged, not raised."""
+    def _read_shard(self, url: str, state: _PassState, window: tuple[int, int] | None = None,
+                    count_loss: bool = True) -> Iterator[dict[str, Any]]:
+        """Raw samples (member name -> bytes) of one shard, or of its samples [skip, skip + take) for
+        `window=(skip, take)`; an unreadable tail is counted and logged, not raised."""
+        skip, take = window if window is not None else (0, None)
         try:
             stream = wds.gopen(url, "rb")
         except Exception as exc:  # noqa: BLE001 - any open failure (missing file, failing pipe) loses the shard
-            self._lost_tail(url, 0, f"cannot open it: {exc!r}", state)
+            if count_loss:
+                self._lost_tail(url, 0, f"cannot open it: {exc!r}", state, window)
             return
         num_read = 0
         try:
             for raw in iter_tar_samples(stream, url):
                 num_read += 1
-                yield raw
+                if num_read > skip:  # the members before the window are read past, not decoded
+                    yield raw
+                if take is not None and num_read >= skip + take:
+                    break
+            else:
+                if take is not None and count_loss:  # a shard shorter than its count says (a stale manifest)
+                    self._lost_tail(url, num_read, "it ends early: fewer samples than its count", state, window)
             state.largest_shard = max(state.largest_shard, num_read)
         except ShardTailError as exc:
-            self._lost_tail(url, exc.num_read, exc.reason, state)
+            if count_loss:
+                self._lost_tail(url, exc.num_read, exc.reason, state, window)
         finally:
             try:
                 stream.close()
             except Exception as exc:  # noqa: BLE001 - a pipe closed early may report SIGPIPE; nothing to do
                 log.debug("closing shard %s: %r", url, exc)
 
-    def _lost_tail(self, url: str, num_read: int, reason: str, state: _PassState) -> None:
-        """Count the samples after a cut (exact with per-shard counts beside the shards, else estimated)."""
+    def _lost_tail(self, url: str, num_read: int, reason: str, state: _PassState,
+                   window: tuple[int, int] | None = None) -> None:
+        """Count the samples after a cut (exact with per-shard counts beside the shards, else estimated); with a
+        `window` (exact epochs) only this worker's samples [skip, skip + take) of the shard."""
         expected = self.expected_counts.get(url)
-        if expected is not None:
+        if window is not None:
+            skip, take = window
+            lost, how = take - min(max(num_read - skip, 0), take), f"of the {take} this worker reads from it"
+        elif expected is not None:
             lost, how = max(expected - num_read, 0), f"of its {expected}"
         else:
             lost, how = max(state.largest_shard - num_read, 0), "estimated: no manifest.json/cache.json/_info.json " \
@@ -354,6 +480,8 @@ class ShardStream(IterableDataset):
         except ShardDataError:
             raise
         except Exception as exc:  # noqa: BLE001 - PIL raises many types; one bad sample must never stop training
+            if state.repeat_passes:
+                return None  # counted on the first pass already
             self.loss.add(state.slot, self.url_index.get(raw.get("__url__"), 0), CORRUPT)
             state.corrupt += 1
             if state.corrupt <= MAX_SKIP_WARNINGS:
@@ -390,6 +518,9 @@ class ShardStream(IterableDataset):
             log.warning("ShardStream(%r) rank %d worker %d epoch %d: skipped %d corrupt samples; %d unreadable shard "
                         "tails lost %d samples", self.spec, self.rank, state.slot, self.epoch, state.corrupt,
                         state.tails, state.tail_samples)
+        if state.repeated:
+            log.warning("ShardStream(%r) rank %d worker %d epoch %d: repeated %d samples to keep whole batches after "
+                        "losses", self.spec, self.rank, state.slot, self.epoch, state.repeated)
 
 
 class _PassState:
@@ -401,6 +532,9 @@ class _PassState:
         self.tails = 0
         self.tail_samples = 0
         self.largest_shard = 0  # most samples read from one complete shard: estimates a cut shard's loss
+        self.repeat_passes = 0  # exact epochs: passes over the worker's part again to fill a short quota
+        self.yielded_in_pass = 0
+        self.repeated = 0
         self.warned: set[str] = set()
 
 
