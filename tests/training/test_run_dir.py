@@ -73,3 +73,17 @@ def test_every_missing_input_is_named_at_once_before_anything_is_built(tmp_path,
     assert f"model.init_from: no file {tmp_path}/dit.pt" in message
     assert "model.tokenizer.pretrained: stabilityai/sd-vae-ft-ema is not in the local Hugging Face cache" in message
     assert time.monotonic() - start < 10 and not run.exists()
+
+
+def test_a_start_that_fails_in_its_first_step_leaves_the_run_dir_free(tmp_path, digits_dir, monkeypatch):
+    from visgen.errors import ConfigValueError
+    from visgen.paradigms.sit import SiT
+
+    def bad_first_batch(self, net, batch, generator=None):  # as a label or size error found in the first batch
+        raise ConfigValueError("label 12 outside [0, 10) in shard digits-train-000003.tar")
+
+    monkeypatch.setattr(SiT, "loss", bad_first_batch)
+    run = tmp_path / "run"
+    with pytest.raises(ConfigValueError, match="label 12"):
+        train(compose_train(run, digits_dir, "trainer.max_steps=1"))
+    assert _files(run) == []  # no run.json, config.yaml, csv/version_0 (its lr row of a step that never ran)

@@ -55,16 +55,23 @@ class ModuleBookkeeping(L.Callback):
 
 
 class RunRecord(L.Callback):
-    """Writes the run's records (config.yaml, git.diff, run.json; run.resumeN.json on a resume) once training
-    really starts: after data, model and checkpoint were set up, and never for a start that does not train (a
-    finished run resumed). A start that failed earlier leaves nothing that marks the run dir as occupied, so the
-    corrected command runs as typed."""
+    """Writes the run's records (config.yaml, git.diff, run.json; run.resumeN.json on a resume) once this start
+    has trained: at its first completed optimizer step, after data, model, tokenizer and checkpoint proved usable.
+    A start that failed before (a missing shard, a bad label or image size in the first batch, a crash in the
+    first step) or did not train at all (a finished run resumed) leaves nothing that marks the run dir as
+    occupied, so the corrected command runs as typed."""
 
     def __init__(self, write: Any) -> None:
         self.write = write  # called once on rank 0, with no arguments
         self.started = False
+        self._start_step: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.started or self._start_step is None or trainer.global_step <= self._start_step:
+            return
         self.started = True
         if trainer.is_global_zero:
             self.write()

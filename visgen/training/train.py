@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,19 @@ def _instantiate_all(node: DictConfig | None) -> list[Any]:
     return [_build(v) for v in (node or {}).values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-def _drop_empty_log_dirs(loggers: list[Any]) -> None:
-    """Remove the empty `csv/version_N` folder of a start that never trained (failed setup, a finished run
-    resumed), so the run dir does not look as if it had."""
-    for logger in loggers:
-        log_dir = getattr(logger, "log_dir", None)
-        path = Path(log_dir) if isinstance(log_dir, str) else None
-        for folder in (path, path.parent) if path is not None else ():  # csv/version_N, then csv/
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+def _new_log_dirs(loggers: list[Any]) -> list[Path]:
+    """The log folders this start will create (a CSV logger's next `csv/version_N`), not ones that exist."""
+    dirs = [getattr(logger, "log_dir", None) for logger in loggers]
+    return [Path(d) for d in dirs if isinstance(d, str) and not Path(d).exists()]
+
+
+def _drop_log_dirs(dirs: list[Path]) -> None:
+    """Remove the log folders of a start that never trained (it failed before its first step, or a finished run
+    was resumed), so the run dir does not look as if it had; then their parent (`csv/`) when left empty."""
+    for path in dirs:
+        shutil.rmtree(path, ignore_errors=True)
+        if path.parent.is_dir() and not any(path.parent.iterdir()):
+            path.parent.rmdir()
 
 
 def _lightning_logs_once() -> None:
@@ -149,7 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     loggers = _instantiate_all(cfg.get("logger"))
     # ModuleBookkeeping first: every later batch hook (checkpoints, sample grids, online FID, the lr monitor) sees
-    # this step's EMA and logging step. RunRecord writes run.json & co. only once training starts.
+    # this step's EMA and logging step. RunRecord writes run.json & co. only once the first step trained.
     # PreemptionCheckpoint is not a config choice: no run may lose more than a step to SIGTERM / SIGUSR1.
     record = RunRecord(lambda: write_run_files(run_dir, provenance, resume_from))
     callbacks = [ModuleBookkeeping(), record, *_instantiate_all(cfg.get("callbacks")), PreemptionCheckpoint()]
@@ -171,6 +176,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         log.info("run dir: %s (%s)", run_dir, f"resuming from {resume_from}" if resume_from else "fresh start")
         log.info("net parameters: %s; %s", f"{sum(p.numel() for p in model.net.parameters()):,}", batch_line)
+    new_log_dirs = _new_log_dirs(loggers) if trainer.is_global_zero else []
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
                     weights_only=True)
@@ -178,6 +184,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.warning("preempted at step %d: %s", trainer.global_step, preempted)
         raise SystemExit(preempted.exit_code) from None
     finally:
-        if not record.started and trainer.is_global_zero:
-            _drop_empty_log_dirs(loggers)
+        if not record.started:
+            _drop_log_dirs(new_log_dirs)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
