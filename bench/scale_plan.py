@@ -9,9 +9,14 @@ the formulas below, not a measurement (no GPU was available to this project when
   number of GPUs and adds the bf16 copy of the two largest blocks it gathers at a time (prefetch).
 - activations per sample in bf16 with SDPA/flash attention and no recomputation: 34 * T * D bytes per
   transformer block of T tokens and width D (Korthikanti et al. 2022, Sec. 4.1, without the attention-score
-  term that flash attention does not store); with activation checkpointing only each block's input
-  (2 * T * D bytes) is kept, plus one block's full activations during its recomputation.
-- training FLOPs per sample: 3 x forward, forward = 2 x (matmul parameters) x T + 4 x depth x T^2 x D.
+  term that flash attention does not store), 18 * T * D for an MLP block (MAR's DiffLoss: ~9 saved tensors of
+  width D); with activation checkpointing only each block's input (2 * T * D bytes) is kept, plus one block's
+  full activations during its recomputation. Micro-batch per GPU: the preset's data.batch_per_device (the
+  rest of the global batch is gradient accumulation).
+- training FLOPs per sample: 3 x forward; forward = 2 x (the stack's matmul parameters, counted on the net) x T
+  per stack (x 1 for weights applied once per sample, as DiT's adaLN) + 4 x depth x T^2 x D for attention
+  (DiT-XL/2: 237 GFLOP = 118.5 GMAC, the paper's 118.6 "Gflops" are multiply-adds); the net's other matmul weights (heads, embeddings) are counted
+  on the largest stack's tokens.
 - step time = FLOPs per step / (GPUs x 312 TFLOP/s (A100 bf16 dense) x MFU), MFU assumed 0.40.
 """
 
@@ -33,6 +38,9 @@ class Stack:
     depth: int
     width: int
     tokens: float
+    prefix: str  # the net's parameter-name prefix of these blocks
+    attention: bool = True
+    per_sample: str | None = None  # name part of weights applied once per sample, not per token (DiT's adaLN)
 
 
 @dataclass
@@ -63,11 +71,12 @@ def _plans() -> list[Plan]:
     # blocks with T = 1024; an MLP block stores fewer activations than 34 T D, so this is an upper bound).
     # GPT-3B at its recipe's 384 px: 24 x 24 codes; the class token + the first 575 codes -> 576 positions.
     return [
-        Plan("dit_xl_2", 256, [Stack(28, 1152, 256)], "ddp",
+        Plan("dit_xl_2", 256, [Stack(28, 1152, 256, "blocks.", per_sample="adaLN_modulation")], "ddp",
              "fits every GPU with DDP; FSDP would add communication for nothing"),
-        Plan("mar_h", 2048, [Stack(20, 1280, 100), Stack(20, 1280, 320), Stack(12, 1536, 1024)], "fsdp",
-             "DDP fits, but the 2048 batch needs 64 samples per GPU on 32 GPUs; FSDP frees ~17 GB per GPU for them"),
-        Plan("gpt_3b", 256, [Stack(24, 3200, 576)], "fsdp",
+        Plan("mar_h", 2048, [Stack(20, 1280, 100, "encoder_blocks."), Stack(20, 1280, 320, "decoder_blocks."),
+                             Stack(12, 1536, 1024, "diffloss.", attention=False)], "fsdp",
+             "DDP fits, but FSDP frees ~15 GB per GPU for a larger micro-batch (less accumulation)"),
+        Plan("gpt_3b", 256, [Stack(24, 3200, 576, "blocks.")], "fsdp",
              "62 GB of fp32 weights, gradients, Adam and EMA per GPU under DDP leave no room for activations"),
     ]
 
@@ -76,22 +85,30 @@ def estimate(plan: Plan, gpus: int, activation_checkpointing: bool = False) -> d
     """Per-GPU memory (GB) under DDP and FSDP2 and the step time (s) on `gpus` A100s."""
     cfg, net = _meta_net(plan.experiment)
     params = sum(p.numel() for p in net.parameters())
-    matmul_params = sum(p.numel() for p in net.parameters() if p.ndim >= 2)
-    per_gpu = plan.batch_global // gpus
+    matmul = {name: p.numel() for name, p in net.named_parameters() if p.ndim >= 2}
+    per_gpu = min(plan.batch_global // gpus, int(cfg.data.batch_per_device))
+    accumulation = plan.batch_global // (gpus * per_gpu)
+
+    def saved_bytes(s: Stack) -> float:
+        return (34 if s.attention else 18) * s.tokens * s.width
+
     if activation_checkpointing:
-        act = sum(2 * s.tokens * s.width * s.depth for s in plan.stacks) + max(34 * s.tokens * s.width
-                                                                                for s in plan.stacks)
+        act = sum(2 * s.tokens * s.width * s.depth for s in plan.stacks) + max(saved_bytes(s) for s in plan.stacks)
     else:
-        act = sum(34 * s.tokens * s.width * s.depth for s in plan.stacks)
+        act = sum(saved_bytes(s) * s.depth for s in plan.stacks)
     activations = act * per_gpu  # bytes, bf16
     largest_block = max(12 * s.width ** 2 for s in plan.stacks)  # ~12 D^2 weights in a transformer block
     ddp = 24 * params + activations
     fsdp = 20 * params / gpus + 2 * 2 * largest_block + activations
-    tokens = sum(s.tokens for s in plan.stacks)
-    attention = sum(4 * s.depth * s.tokens ** 2 * s.width for s in plan.stacks)
-    flops_step = 3 * (2 * matmul_params * tokens + attention) * plan.batch_global
+    in_stacks = {name for name in matmul for s in plan.stacks if name.startswith(s.prefix)}
+    other = sum(n for name, n in matmul.items() if name not in in_stacks)
+    forward = sum(2 * sum(n * (1 if s.per_sample and s.per_sample in name else s.tokens)
+                          for name, n in matmul.items() if name.startswith(s.prefix))
+                  + (4 * s.depth * s.tokens ** 2 * s.width if s.attention else 0) for s in plan.stacks)
+    forward += 2 * other * max(s.tokens for s in plan.stacks)
+    flops_step = 3 * forward * plan.batch_global
     step_s = flops_step / (gpus * A100_BF16_FLOPS * MFU)
-    return {"params": params, "per_gpu": per_gpu, "state_gb": 20 * params / GB, "act_gb": activations / GB,
+    return {"params": params, "per_gpu": per_gpu, "accumulation": accumulation, "gflops_forward": forward / 1e9, "state_gb": 20 * params / GB, "act_gb": activations / GB,
             "ddp_gb": ddp / GB, "fsdp_gb": fsdp / GB, "tflops_step": flops_step / 1e12, "step_s": step_s}
 
 
@@ -99,9 +116,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--activation-checkpointing", action="store_true")
     args = parser.parse_args()
-    print("| preset | params | GPUs | batch/GPU | fp32 state (GB) | activations/GPU (GB) | DDP GB/GPU | FSDP2 GB/GPU "
+    print("| preset | params | GPUs | micro-batch x accumulation | fwd GFLOP/sample | fp32 state (GB) | activations/GPU (GB) | DDP GB/GPU | FSDP2 GB/GPU "
           "| TFLOP/step | step s (40% MFU) | visgen uses |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     from visgen.official import CONF_DIR
 
     plans = [plan for plan in _plans() if (CONF_DIR / "experiment" / f"{plan.experiment}.yaml").exists()]
@@ -110,7 +127,8 @@ def main() -> None:
             e = estimate(plan, gpus, args.activation_checkpointing)
             ddp = f"{e['ddp_gb']:.0f}" + (" (over 80)" if e["ddp_gb"] > A100_MEMORY_GB else "")
             fsdp = f"{e['fsdp_gb']:.0f}" + (" (over 80)" if e["fsdp_gb"] > A100_MEMORY_GB else "")
-            print(f"| {plan.experiment} | {e['params'] / 1e6:,.0f}M | {where} | {e['per_gpu']} | {e['state_gb']:.1f} "
+            print(f"| {plan.experiment} | {e['params'] / 1e6:,.0f}M | {where} | {e['per_gpu']} x {e['accumulation']} "
+                  f"| {e['gflops_forward']:.0f} | {e['state_gb']:.1f} "
                   f"| {e['act_gb']:.1f} | {ddp} | {fsdp} | {e['tflops_step']:.0f} | {e['step_s']:.2f} "
                   f"| {plan.strategy} |")
     print()
