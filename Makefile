@@ -47,6 +47,15 @@ demo-gpt: install
 	$(PY) train.py experiment=demo_gpt ckpt_path=last
 	$(PY) evaluate.py ckpt=logs/demo_gpt/checkpoints/last.ckpt num_samples=1000 precision=bf16 out_dir=logs/demo_gpt/eval/demo overwrite=true
 
+# MaskGIT on the digits: demo_vq's codes (its tokenizer is trained first when logs/demo_vq has none), train
+# demo_maskgit, decode 1,000 digits in 8 parallel steps, evaluate (README "MaskGIT on the digits").
+.PHONY: demo-maskgit
+demo-maskgit: install
+	$(PY) -m visgen.data.builtin --out-dir data/digits
+	test -f logs/demo_vq/tokenizer.safetensors || $(MAKE) demo-vq
+	$(PY) train.py experiment=demo_maskgit ckpt_path=last
+	$(PY) evaluate.py ckpt=logs/demo_maskgit/checkpoints/last.ckpt num_samples=1000 out_dir=logs/demo_maskgit/eval/demo overwrite=true
+
 test: install
 	$(PY) -m pytest -q tests
 
