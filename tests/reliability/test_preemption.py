@@ -73,9 +73,9 @@ def test_sigusr1_under_slurm_saves_requeues_and_the_requeued_start_resumes_exact
     train(compose_train(run, digits_dir, "trainer.max_steps=8"))
     a, b = load(straight / "checkpoints" / "last.ckpt"), load(run / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 8
-    for key in a["state_dict"]:
-        if key.startswith("net."):
-            assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:  # net and EMA
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(),
                       strict=True):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
