@@ -8,6 +8,7 @@ name is neither a local directory nor in the local Hugging Face cache, and only 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from visgen.errors import ConfigValueError, MissingInputError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["missing_inputs", "check_inputs", "check_trainer_keys", "HUB_HOST"]
 
@@ -106,7 +109,13 @@ def missing_inputs(cfg: DictConfig) -> list[str]:
             pass
         elif _looks_like_path(pretrained):
             problems.append(f"model.tokenizer.pretrained: no file or directory {pretrained}")
-        elif not _in_hub_cache(pretrained, _value(tokenizer, "subfolder")):
+        elif _in_hub_cache(pretrained, _value(tokenizer, "subfolder")):
+            if not _hub_offline() and not _hub_reachable():
+                # diffusers would ask the unreachable hub for updates first, retrying for ~25 s
+                os.environ["HF_HUB_OFFLINE"] = "1"
+                log.warning("%s cannot be reached: %s is loaded from the local Hugging Face cache only "
+                            "(HF_HUB_OFFLINE=1 for this run)", HUB_HOST[0], pretrained)
+        else:
             if _hub_offline():
                 problems.append(f"model.tokenizer.pretrained: {pretrained} is not in the local Hugging Face cache and "
                                 "HF_HUB_OFFLINE is set; download it where there is internet (`hf download "
