@@ -21,8 +21,6 @@ from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
 
-from visgen.nn.discriminator import adaptive_weight, discriminator_loss, generator_adversarial_loss
-
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -43,30 +41,25 @@ def sync(device: torch.device) -> None:
 
 
 def bench(module, image_size: int, batch: int, steps: int, bf16: bool, device: torch.device) -> float:
-    """Generator + discriminator steps per second x batch."""
-    net, disc, cfg = module.net, module.discriminator, module.loss_cfg
+    """Generator + discriminator steps per second x batch, through the module's own loss methods."""
+    net, disc = module.net, module.discriminator
     opt_g = torch.optim.AdamW(net.parameters(), lr=1e-4)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4) if disc is not None else None
     images = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def step() -> None:
+        if disc is not None:
+            disc.requires_grad_(False)  # as training_step's toggle: D is not trained by the generator loss
         with autocast:
-            recon, reg, _, _ = module._reconstruct(net, images)
-            rec, _ = module.reconstruction_loss(recon, images)
-            total = rec + reg
-            if disc is not None:
-                disc.requires_grad_(False)
-                adv = generator_adversarial_loss(disc(recon), cfg["gen_adv_loss"])
-                weight = adaptive_weight(rec, adv, net.last_layer) if cfg["adaptive_weight"] else 1.0
-                total = total + cfg["disc_weight"] * weight * adv
+            total, recon, _, _ = module.generator_loss(images, step=0)
         total.backward()
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
         if disc is not None:
             disc.requires_grad_(True)
             with autocast:
-                d_loss = discriminator_loss(disc(images), disc(recon.detach()), cfg["disc_loss"])
+                d_loss, _ = module.discriminator_loss(images, recon)
             d_loss.backward()
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
@@ -86,10 +79,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     module, image_size = build(args.experiment, device)
-    table = Table(title=f"{args.experiment}: tokenizer train step, {image_size} px, batch {args.batch}, {device}")
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    title = f"{args.experiment}: tokenizer train step, {image_size} px, batch {args.batch}, {device}{threads}"
+    table = Table(title=title)
     for column in ("precision", "img/s", "parameters (autoencoder)", "LPIPS", "GAN"):
         table.add_column(column)
     params = f"{sum(p.numel() for p in module.net.parameters()):,}"

@@ -19,14 +19,14 @@ NET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
 
 
 def _module(kind: str = "vq", disc_start: int = 0, grad_clip: float | None = 1.0, seed: int = 0,
-            **loss: object) -> AutoencoderTraining:
+            disc_layers: int = 2, warmup_steps: int = 0, **loss: object) -> AutoencoderTraining:
     torch.manual_seed(seed)
     net = VQAutoencoder(**NET, latent_channels=8, num_codes=32, code_dim=4, l2_normalized=True) if kind == "vq" \
         else KLAutoencoder(**NET, latent_channels=4)
     return AutoencoderTraining(
-        net, optimizer={"lr": 1e-3, "betas": (0.9, 0.95)}, image_size=16, batch_global=8,
-        loss={"perceptual_weight": 0.0, "disc_start": disc_start, **loss},
-        discriminator=PatchGAN(base_channels=8, num_layers=2), grad_clip=grad_clip, ema_decay=0.5,
+        net, optimizer={"lr": 1e-3, "betas": (0.9, 0.95), "warmup_steps": warmup_steps}, image_size=16,
+        batch_global=8, loss={"perceptual_weight": 0.0, "disc_start": disc_start, **loss},
+        discriminator=PatchGAN(base_channels=8, num_layers=disc_layers), grad_clip=grad_clip, ema_decay=0.5,
         usage_every_n_steps=1)
 
 
@@ -70,6 +70,57 @@ def test_accumulation_equals_one_big_batch():
     _fit(single, big, max_steps=1, accumulate=1)
     for key, value in single.net.state_dict().items():
         assert torch.allclose(accumulated.net.state_dict()[key], value, atol=1e-6), key
+
+
+def test_two_optimizer_accumulation_with_the_gan_on_equals_one_big_batch():
+    small = _images(2)
+    big = [{"image": torch.cat([b["image"] for b in small]), "label": torch.cat([b["label"] for b in small])}]
+    # a PatchGAN without BatchNorm (0 strided layers), so D's output does not depend on the micro-batch split
+    accumulated, single = _module(disc_layers=0), _module(disc_layers=0)
+    _fit(accumulated, small, max_steps=1, accumulate=2)
+    _fit(single, big, max_steps=1, accumulate=1)
+    assert not torch.equal(single.discriminator.main[0].weight, _module(disc_layers=0).discriminator.main[0].weight)
+    # atol: attention key biases get a zero gradient in exact arithmetic (softmax is shift-invariant), which
+    # Adam's first step turns into ~3e-6 of rounding noise; a step per micro-batch moves weights by ~1e-3
+    for key, value in single.state_dict().items():  # autoencoder, EMA and discriminator
+        assert torch.allclose(accumulated.state_dict()[key], value, atol=1e-5), key
+
+
+def test_the_discriminator_lr_follows_the_generator_step_and_no_scheduler_warning():
+    import warnings
+
+    module = _module(disc_start=2, warmup_steps=10)  # D idles for 2 steps, then starts at lr(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _fit(module, _images(3), max_steps=3)
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    lr_g, lr_d = (opt.param_groups[0]["lr"] for opt in trainer.optimizers)
+    assert lr_g == lr_d == pytest.approx(1e-3 * 4 / 10)  # linear warmup (step + 1) / 10 at step 3
+
+
+def test_kl_losses_follow_ldm_sums_over_pixels_including_the_adaptive_weight_clamp():
+    """LDM's LPIPSWithDiscriminator sums its nll over the C·H·W values (visgen averages): the same loss up to
+    that factor, and LDM's clamp λ <= 1e4 acts at 1e4 / (C·H·W) here (matched against LDM's code: tok notes)."""
+    module = _module("kl", reconstruction="l1", adaptive_weight=True, disc_loss_weight=1.0)
+    with torch.no_grad():
+        module.discriminator.main[-1].weight.mul_(1e-7)  # D barely sees x̂: LDM's λ is clamped
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    total, recon, parts, _ = module.generator_loss(x, step=0)
+    mean, logvar = module.net.encode(x).float().chunk(2, dim=1)
+    n, last = x[0].numel(), module.net.last_layer
+    nll = (x - recon).abs().sum() / len(x)  # LDM: sum over values, mean over the batch
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum() / len(x)
+    g_loss = -module.discriminator(recon).mean()
+    lam = torch.autograd.grad(nll, last, retain_graph=True)[0].norm() / (
+        torch.autograd.grad(g_loss, last, retain_graph=True)[0].norm() + 1e-4)
+    assert lam > 2e4  # LDM clamps it to 1e4; an unscaled clamp here would keep lam / n
+    ldm = nll + 1e-6 * kl + 0.5 * min(lam.item(), 1e4) * g_loss
+    assert total.item() * n == pytest.approx(ldm.item(), rel=1e-5)
+    assert parts["adaptive_weight"].item() == pytest.approx(1e4 / n)
+    hinge = 0.5 * (torch.relu(1 - module.discriminator(x)).mean() + torch.relu(1 + module.discriminator(recon)).mean())
+    assert module.discriminator_loss(x, recon)[0].item() == pytest.approx(hinge.item())  # LDM: D's loss x 1
+    module.loss_cfg["disc_loss_weight"] = None  # LlamaGen: x disc_weight
+    assert module.discriminator_loss(x, recon)[0].item() == pytest.approx(0.5 * hinge.item())
 
 
 class _GradNorms(L.Callback):

@@ -21,6 +21,7 @@ optimizer.step(), which would double it; `_uncounted` keeps D's step out of the 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visgen.nn.discriminator import adaptive_weight, discriminator_loss, generator_adversarial_loss
+from visgen.nn import discriminator as gan
 from visgen.nn.quantize import code_usage
 from visgen.sampling import from_uint8, save_grid, to_uint8
 from visgen.tokenizers.autoencoders import KLAutoencoder, VQAutoencoder, kl_divergence
@@ -48,6 +49,7 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "codebook_weight": 1.0,  # VQ: weight of codebook + commitment (+ entropy) terms
     "kl_weight": 1.0e-6,  # KL: LDM's weight (per pixel value: see `_regulariser`)
     "disc_weight": 0.5,
+    "disc_loss_weight": None,  # D's loss factor; None: disc_weight (LlamaGen vq_loss.py); taming / LDM: 1.0
     "disc_start": 20000,  # generator steps before the adversarial terms switch on
     "disc_loss": "hinge",  # hinge | non_saturating
     "gen_adv_loss": "hinge",
@@ -166,6 +168,40 @@ class AutoencoderTraining(GenerativeModule):
         step = self.global_step if step is None else step
         return self.discriminator is not None and step >= self.loss_cfg["disc_start"]
 
+    def generator_loss(self, images: Tensor, step: int | None = None
+                       ) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor | None]:
+        """L_G on one batch in [-1, 1]: (total, reconstruction x̂, logged parts, codes or None).
+
+        D is run on x̂ once the GAN is active (`step`, default the global step); training_step freezes its
+        parameters for this backward. `parts["latents"]` (VQ) holds the searched vectors for restarts."""
+        cfg = self.loss_cfg
+        recon, reg, parts, codes = self._reconstruct(self.net, images)
+        rec, rec_parts = self.reconstruction_loss(recon, images)
+        parts.update(rec_parts)
+        total = rec + reg
+        if self.gan_active(step):
+            adv = gan.generator_adversarial_loss(self.discriminator(recon), cfg["gen_adv_loss"])
+            weight = adv.new_ones(())
+            if cfg["adaptive_weight"]:
+                # A KL autoencoder follows LDM, whose nll is a sum over the C·H·W values of an image (here a
+                # mean: see `_reconstruct`); LDM's clamp λ <= 1e4 on that scale is 1e4 / (C·H·W) on this one.
+                # (measured against LDM's LPIPSWithDiscriminator: equal losses, clamp included; notes in tok.md)
+                limit = 1e4 if self.is_vq else 1e4 / images[0].numel()
+                weight = gan.adaptive_weight(rec, adv, self.net.last_layer, max_weight=limit)
+            total = total + cfg["disc_weight"] * weight * adv
+            parts.update(gen_adv_loss=adv, adaptive_weight=weight)
+        return total, recon, parts, codes
+
+    def discriminator_loss(self, images: Tensor, recon: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """L_D on real images and (detached) reconstructions: (loss, logged parts). D's loss is scaled by
+        `disc_loss_weight`, or by `disc_weight` when that is null (LlamaGen; taming and LDM use 1)."""
+        cfg = self.loss_cfg
+        logits_real, logits_fake = self.discriminator(images), self.discriminator(recon.detach())
+        weight = cfg["disc_weight"] if cfg["disc_loss_weight"] is None else cfg["disc_loss_weight"]
+        d_loss = weight * gan.discriminator_loss(logits_real, logits_fake, cfg["disc_loss"])
+        return d_loss, {"disc_loss": d_loss, "logits_real": logits_real.detach().mean(),
+                        "logits_fake": logits_fake.detach().mean()}
+
     @torch.no_grad()
     def _restart_dead_codes(self, optimizer: Any, latents: Tensor, everything: bool = False) -> None:
         """Move the codes no position chose since the last restart (or all of them: the data-dependent init at
@@ -196,8 +232,7 @@ class AutoencoderTraining(GenerativeModule):
         images = from_uint8(batch["image"])  # (B, 3, H, W) in [-1, 1]
         if self._grid_images is None:
             self._grid_images = images[:32].detach().clone()
-        gan = self.gan_active()
-        cfg = self.loss_cfg
+        gan = self.gan_active()  # fixed for the whole micro-batch: opt_g.step() below advances global_step
 
         if self.is_vq and self.restart_dead_codes_every and self.global_step == 0 and self._restarted_at < 0:
             with torch.no_grad():  # data-dependent codebook init: every code starts on an encoder output
@@ -205,14 +240,7 @@ class AutoencoderTraining(GenerativeModule):
 
         # generator: D's parameters are frozen for this pass (toggle), gradients flow through D to x̂
         self.toggle_optimizer(opt_g)
-        recon, reg, parts, codes = self._reconstruct(self.net, images)
-        rec, rec_parts = self.reconstruction_loss(recon, images)
-        total = rec + reg
-        if gan:
-            adv = generator_adversarial_loss(self.discriminator(recon), cfg["gen_adv_loss"])
-            weight = adaptive_weight(rec, adv, self.net.last_layer) if cfg["adaptive_weight"] else adv.new_ones(())
-            total = total + cfg["disc_weight"] * weight * adv
-            parts.update(gen_adv_loss=adv, adaptive_weight=weight)
+        total, recon, parts, codes = self.generator_loss(images, self.global_step)
         self._check_finite(total)
         self.manual_backward(total / accumulate)
         self.untoggle_optimizer(opt_g)
@@ -220,12 +248,10 @@ class AutoencoderTraining(GenerativeModule):
         # discriminator on the same reconstruction (LlamaGen's order: D sees the generator's pre-step output)
         if gan:
             self.toggle_optimizer(opt_d)
-            logits_real, logits_fake = self.discriminator(images), self.discriminator(recon.detach())
-            d_loss = cfg["disc_weight"] * discriminator_loss(logits_real, logits_fake, cfg["disc_loss"])
+            d_loss, d_parts = self.discriminator_loss(images, recon)
             self.manual_backward(d_loss / accumulate)
             self.untoggle_optimizer(opt_d)
-            parts.update(disc_loss=d_loss, logits_real=logits_real.detach().mean(),
-                         logits_fake=logits_fake.detach().mean())
+            parts.update(d_parts)
 
         if (batch_idx + 1) % accumulate == 0:
             self._step(opt_g, self.net, "grad_norm")
@@ -234,8 +260,7 @@ class AutoencoderTraining(GenerativeModule):
                     self._step(opt_d, self.discriminator, "disc_grad_norm")
                 else:
                     opt_d.zero_grad(set_to_none=True)
-            for scheduler in self._schedulers():
-                scheduler.step()
+            self._step_schedulers()
         if codes is not None:
             counts = code_usage(codes.detach(), self.net.num_codes)  # (K,)
             self._log_usage(counts)
@@ -245,7 +270,7 @@ class AutoencoderTraining(GenerativeModule):
                 self._restart_dead_codes(opt_g, parts["latents"])
         parts.pop("latents", None)
         self.log("train/loss", total.detach(), prog_bar=True)
-        self.log_dict({f"train/{k}": v.detach().float() for k, v in {**parts, **rec_parts}.items()})
+        self.log_dict({f"train/{k}": v.detach().float() for k, v in parts.items()})
         return total.detach()
 
     def _check_finite(self, loss: Tensor) -> None:
@@ -264,6 +289,18 @@ class AutoencoderTraining(GenerativeModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def _step_schedulers(self) -> None:
+        """Advance both lr schedules after the optimizer steps: both are functions of the generator step count.
+
+        D's schedule also advances before disc_start, while D has not stepped yet, so that D starts at
+        lr(disc_start); torch's first-call check reads that as a misordered loop and warns, so that one
+        warning is silenced for D's scheduler only."""
+        for index, scheduler in enumerate(self._schedulers()):
+            with warnings.catch_warnings():
+                if index:
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
 
     def _schedulers(self) -> list[Any]:
         schedulers = self.lr_schedulers()
