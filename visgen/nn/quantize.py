@@ -11,7 +11,9 @@ through `VectorQuantizer`:
   `False` is plain Euclidean search (taming's VQGAN, MaskGIT: 1,024 × 256);
 * straight-through estimator: the decoder gets sg(e_k) + z − sg(z) (= e_k exactly in the forward
   pass), so gradients pass to the encoder as if quantisation were the identity;
-* losses (VQ-VAE eq. 3): codebook ||sg(z) − e_k||², commitment β·||z − sg(e_k)||² (β = 0.25),
+* losses (VQ-VAE eq. 3): codebook ||sg(z) − e_k||², commitment β·||z − sg(e_k)||² (β = 0.25, as LlamaGen;
+  taming's VectorQuantizer2 defaults to legacy=True, β on the codebook term: the same loss value, but 4x the
+  encoder's and 1/4 the codebook's gradient),
   and optionally LlamaGen's entropy loss on the softmax of −distances / T (per-position entropy
   minus the entropy of the batch-average assignment: confident codes, all codes used);
 * `lookup(codes)` maps integer codes back to exactly the vectors the decoder saw in training.
