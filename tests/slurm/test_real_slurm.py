@@ -144,7 +144,8 @@ def test_a_submitit_sweep_runs_each_point_as_a_two_task_slurm_job(cluster, tmp_p
 
 
 def test_evaluate_sbatch_samples_a_trained_checkpoint(cluster, tmp_path, digits_dir):
-    """slurm/evaluate.sbatch runs evaluate.py as a SLURM job and writes metrics.json."""
+    """slurm/evaluate.sbatch runs evaluate.py as a 2-task SLURM job on 2 nodes (srun: each rank samples its share
+    of the chunks) and writes metrics.json once."""
     import torch
 
     train = subprocess.run([sys.executable, "train.py", *TINY, "data.batch_per_device=32", "trainer.max_steps=2",
@@ -153,12 +154,14 @@ def test_evaluate_sbatch_samples_a_trained_checkpoint(cluster, tmp_path, digits_
     assert train.returncode == 0, train.stderr[-3000:]
     ckpt = tmp_path / "to_eval" / "checkpoints" / "last.ckpt"
     out_dir, out = tmp_path / "eval", tmp_path / "eval-%j.out"
-    job_id = _run(cluster, "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
+    job_id = _run(cluster, "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
                   "--cpus-per-task=1", "--time=10", f"--output={out}", "slurm/evaluate.sbatch", f"ckpt={ckpt}",
                   "num_samples=20", f"out_dir={out_dir}", f"paths.cache_dir={tmp_path / 'cache'}").strip()
     fields = _wait(cluster, job_id, lambda f: f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300,
                    "the evaluation job finishing")
-    assert fields["JobState"] == "COMPLETED", Path(str(out).replace("%j", job_id)).read_text()[-4000:]
+    log = Path(str(out).replace("%j", job_id)).read_text()
+    assert fields["JobState"] == "COMPLETED", log[-4000:]
+    assert "evaluation rank 1 of 2" in log, log[-4000:]
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["num_samples"] == 20 and metrics["checkpoint_step"] == 2
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
