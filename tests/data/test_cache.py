@@ -138,6 +138,11 @@ def test_cached_loader_picks_views_per_epoch_and_flips_the_image_with_them(kl_ca
     torch.testing.assert_close(made["latents"], (mean + torch.exp(0.5 * logvar) * eps) * 0.18215)
     assert torch.equal(made["images"], from_uint8(batch["image"])) and torch.equal(made["labels"], batch["label"])
 
+    module = _datamodule(folder, train_stream="exact", num_train_samples=None)  # the count from cache.json
+    assert len({image for image, _ in epoch(0)}) == 15  # every cached sample once
+    module = _datamodule(folder)
+    assert len({image for image, _ in epoch(0)}) < 15  # resampled shards repeat some (the broken variant)
+
 
 def test_a_cache_of_another_run_is_refused(kl_cache, tmp_path: Path) -> None:
     tokenizer, folder = kl_cache
