@@ -145,6 +145,9 @@ def main() -> None:
             uncached = None
             if not (args.no_uncached or compiled):
                 uncached = bench_sample(net, args.sample_batch, bf16, device, False, False, args.repeats)
+            precision = "bf16" if bf16 else "fp32"
+            print(f"{precision} compiled={compiled}: train {train_tps:,.0f} tokens/s, sample {cached:,.0f} tokens/s "
+                  f"with the KV cache, {uncached or 0:,.0f} without", flush=True)  # survives a timeout
             table.add_row("bf16-mixed" if bf16 else "fp32", str(compiled), f"{train_tps:,.0f} ({train_tps / seq:,.1f})",
                           f"{cached:,.0f} ({cached / seq:,.2f})",
                           "-" if uncached is None else f"{uncached:,.0f} ({uncached / seq:,.2f})",
