@@ -13,9 +13,9 @@ Two optimizers (generator: the autoencoder; discriminator: D) in Lightning's man
 LlamaGen's loop does it: the generator steps first, then D on the same reconstruction. Manual
 optimisation leaves to the module what the Trainer does otherwise, so it is done here: gradient
 accumulation over `accumulate_grad_batches` micro-batches (train.py sets it from data.batch_global),
-gradient-norm clipping per optimizer through `clip_gradients` (the precision plugin unscales first
-under fp16), the lr schedule, and a global step that counts generator steps (Lightning counts every
-optimizer.step(), which would double it; `_uncounted` keeps D's step out of the count).
+gradient-norm clipping per optimizer through `clip_gradients` in `on_before_optimizer_step` (after
+Lightning unscales fp16's gradients), the lr schedule, and a global step that counts generator steps
+(Lightning counts every optimizer.step(), which would double it; `_uncounted` keeps D's step out of the count).
 """
 
 from __future__ import annotations
@@ -281,13 +281,12 @@ class AutoencoderTraining(GenerativeModule):
             )
 
     def _step(self, optimizer: Any, module: nn.Module, name: str) -> None:
-        """Log the gradient norm (before clipping), clip to `grad_clip`, step, zero."""
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if grads:
-            self.log(f"train/{name}", torch.nn.utils.get_total_norm(grads, norm_type=2.0))
-        if self.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
+        """Step and zero one optimizer; `on_before_optimizer_step` logs its gradient norm and clips in between."""
+        self._stepping = (module, name)
+        try:
+            optimizer.step()
+        finally:
+            self._stepping = None
         optimizer.zero_grad(set_to_none=True)
 
     def _step_schedulers(self) -> None:
@@ -307,7 +306,20 @@ class AutoencoderTraining(GenerativeModule):
         return [] if schedulers is None else schedulers if isinstance(schedulers, list) else [schedulers]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gradient norms are logged in `_step`, before clipping."""
+        """Log the gradient norm (before clipping) and clip to `grad_clip`, for the optimizer `_step` is stepping.
+
+        Here, not in training_step: under fp16 Lightning unscales the GradScaler's gradients only inside
+        optimizer.step(), just before this hook, so clipping earlier would clip scaled gradients (measured:
+        norms of grad_clip / 2**16 instead of grad_clip; tested under 16-mixed)."""
+        stepping = getattr(self, "_stepping", None)
+        if stepping is None:
+            return
+        module, name = stepping
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads:
+            self.log(f"train/{name}", torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+        if self.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def _log_usage(self, counts: Tensor) -> None:
         """Codebook usage (% of codes hit) and perplexity over the last `usage_every_n_steps` steps."""
