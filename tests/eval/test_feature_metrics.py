@@ -55,6 +55,25 @@ def test_frechet_distance_is_within_one_percent_of_the_closed_form_for_known_gau
     assert measured == pytest.approx(exact, rel=0.01)
 
 
+def test_frechet_distance_with_fewer_samples_than_dims_equals_the_small_side_computation() -> None:
+    """Both covariances singular (20 and 30 samples of 64 dims: no Cholesky factor, the eigendecomposition route):
+    the nonzero eigenvalues of Σa Σb are those of the 20 x 20 matrix Xa Σb Xaᵀ / 19 (Xa centered), so
+    tr (Σa Σb)^½ has an independent closed form; the Cholesky route (one set full rank) matches scipy too."""
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(20, 64)), rng.normal(size=(30, 64)) @ rng.normal(size=(64, 64)) + 0.2
+    centered = a - a.mean(0)
+    sigma_b = np.cov(b, rowvar=False)
+    small = np.linalg.eigvals(centered @ sigma_b @ centered.T / 19).real.clip(0)  # (20,)
+    direct = float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(np.cov(a, rowvar=False)) + np.trace(sigma_b)
+                   - 2 * np.sqrt(small).sum())
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(direct, rel=1e-8)
+    assert frechet_distance(torch.from_numpy(b), torch.from_numpy(a)) == pytest.approx(direct, rel=1e-8)
+    full = rng.normal(size=(500, 64))  # Σ positive definite: the Cholesky route, from either side
+    expected = _scipy_frechet(a.mean(0), np.cov(a, rowvar=False), full.mean(0), np.cov(full, rowvar=False))
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(full)) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(torch.from_numpy(full), torch.from_numpy(a)) == pytest.approx(expected, rel=1e-8)
+
+
 def test_statistics_of_other_dims_or_non_finite_values_are_refused() -> None:
     with pytest.raises(ValueError, match="same feature extractor"):
         frechet_distance_from_stats(GaussianStats(np.zeros(3), np.eye(3)), GaussianStats(np.zeros(4), np.eye(4)))

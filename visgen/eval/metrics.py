@@ -79,23 +79,38 @@ def feature_statistics(feats: Tensor, name: str = "features") -> GaussianStats:
     return GaussianStats(mu.numpy(), sigma.numpy(), len(x))
 
 
-def frechet_distance_from_stats(a: GaussianStats, b: GaussianStats) -> float:
-    """Fréchet distance between N(a.mu, a.sigma) and N(b.mu, b.sigma), in float64.
+def _trace_sqrt_product(sigma_a: Tensor, sigma_b: Tensor) -> Tensor:
+    """tr (Σa Σb)^½ for symmetric PSD (D, D) float64 matrices, as the sum of √λ over the eigenvalues of a symmetric
+    PSD matrix similar to Σa Σb.
 
-    tr (Σa Σb)^½ is the sum of √λ over the eigenvalues of Σa^½ Σb Σa^½, which has the eigenvalues of Σa Σb but is
-    symmetric positive semi-definite: symmetric eigensolvers give it without the complex round-off that
-    `scipy.linalg.sqrtm(Σa Σb)` (the ADM evaluator's route) has to discard. The two agree to ~1e-9 relative.
+    With a Cholesky factor Σ = L Lᵀ of either matrix (Σa Σb and Σb Σa have the same eigenvalues), Lᵀ Σ' L is
+    similar to Σ Σ'; a factor exists when Σ is positive definite (≥ D + 1 distinct samples; FID at 10k/50k). When
+    neither is (fewer samples than dims), Σa^½ Σb Σa^½ from Σa's eigendecomposition. Both are symmetric, so
+    symmetric eigensolvers give the eigenvalues without the complex round-off `scipy.linalg.sqrtm(Σa Σb)` (the ADM
+    evaluator's route) discards. The Cholesky route is ~2.7x faster at D = 2048 (1.6 s vs 4.4 s, one CPU thread);
+    both agree with scipy's to ~1e-9 relative (tests/eval/test_feature_metrics.py).
     """
+    for first, second in ((sigma_a, sigma_b), (sigma_b, sigma_a)):
+        factor, info = torch.linalg.cholesky_ex(first)  # (D, D) lower triangular
+        if int(info) == 0:
+            middle = factor.T @ second @ factor  # (D, D), similar to first @ second
+            break
+    else:
+        eigvals_a, eigvecs_a = torch.linalg.eigh(sigma_a)
+        root_a = (eigvecs_a * eigvals_a.clamp_min(0).sqrt()) @ eigvecs_a.T  # Σa^½ (D, D)
+        middle = root_a @ sigma_b @ root_a  # (D, D)
+    return torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+
+
+def frechet_distance_from_stats(a: GaussianStats, b: GaussianStats) -> float:
+    """Fréchet distance between N(a.mu, a.sigma) and N(b.mu, b.sigma), in float64 (`_trace_sqrt_product`)."""
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"frechet_distance: statistics of {a.mu.shape[0]} and {b.mu.shape[0]} dims; both must come "
                          "from the same feature extractor (and feature layer)")
     mu_a, mu_b = torch.from_numpy(np.asarray(a.mu, np.float64)), torch.from_numpy(np.asarray(b.mu, np.float64))
     sigma_a = torch.from_numpy(np.asarray(a.sigma, np.float64))  # (D, D)
     sigma_b = torch.from_numpy(np.asarray(b.sigma, np.float64))  # (D, D)
-    eigvals_a, eigvecs_a = torch.linalg.eigh((sigma_a + sigma_a.T) / 2)
-    root_a = (eigvecs_a * eigvals_a.clamp_min(0).sqrt()) @ eigvecs_a.T  # Σa^½ (D, D)
-    middle = root_a @ sigma_b @ root_a  # (D, D)
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    trace_sqrt = _trace_sqrt_product((sigma_a + sigma_a.T) / 2, (sigma_b + sigma_b.T) / 2)
     diff = mu_a - mu_b
     distance = diff @ diff + torch.trace(sigma_a) + torch.trace(sigma_b) - 2 * trace_sqrt
     # Round-off can push an exact zero (identical sets) a hair below 0.
