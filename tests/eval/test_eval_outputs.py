@@ -1,30 +1,62 @@
 """evaluate.py's output folders and errors as users meet them: settings named in the folder, one-line errors."""
 
+import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from visgen.eval.checkpoint import checkpoint_sha256
 from visgen.eval.evaluate import default_out_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_default_folder_names_every_override_that_changes_the_samples(tmp_path):
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert default_out_dir(ckpt, 1000, [f"ckpt={ckpt}", "num_samples=1000"]) == tmp_path / "run" / "eval" / "last_1000"
+def _file(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_the_default_folder_names_the_checkpoints_hash_and_every_override_that_changes_the_samples(tmp_path):
+    ckpt = _file(tmp_path / "run" / "checkpoints" / "last.ckpt", b"weights after 1000 steps")
+    sha8 = hashlib.sha256(b"weights after 1000 steps").hexdigest()[:8]
+    assert default_out_dir(ckpt, 1000, [f"ckpt={ckpt}", "num_samples=1000"]) == (
+        tmp_path / "run" / "eval" / f"last_{sha8}_1000")
+    guide = _file(tmp_path / "guide" / "checkpoints" / "step_0000700.ckpt", b"guide")
     overrides = [f"ckpt={ckpt}", "++sampling.num_steps=20", "++sampling.cfg_scale=1.5", "seed=1", "overwrite=true",
-                 "guide_ckpt=logs/guide/checkpoints/step_0000700.ckpt", "paths.cache_dir=/c", "device=cpu"]
+                 f"guide_ckpt={guide}", "paths.cache_dir=/c", "device=cpu"]
     assert default_out_dir(ckpt, 500, overrides).name == (
-        "last_500_guide_ckpt=guide.step_0000700,sampling.cfg_scale=1.5,sampling.num_steps=20,seed=1")
-    assert default_out_dir(ckpt, 500, ["sampling=ddim"]).name == "last_500_sampling=ddim"
+        f"last_{sha8}_500_guide_ckpt=guide.step_0000700.{hashlib.sha256(b'guide').hexdigest()[:8]},"
+        "sampling.cfg_scale=1.5,sampling.num_steps=20,seed=1")
+    assert default_out_dir(ckpt, 500, ["sampling=ddim"]).name == f"last_{sha8}_500_sampling=ddim"
+    # more training under the same name: another folder (results of different weights never mix)
+    time.sleep(0.01)
+    ckpt.write_bytes(b"weights after 2000 steps")
+    assert default_out_dir(ckpt, 1000, []).name == f"last_{hashlib.sha256(ckpt.read_bytes()).hexdigest()[:8]}_1000"
+
+
+def test_a_sharded_checkpoints_hash_covers_every_file_and_name(tmp_path):
+    folder = tmp_path / "step_0000100.ckpt"
+    files = {".metadata": b"index", "meta.pt": b"meta", "__0_0.distcp": b"rank0", "__1_0.distcp": b"r1"}
+    for name, data in files.items():
+        _file(folder / name, data)
+    lines = "".join(f"{name} {hashlib.sha256(data).hexdigest()}\n" for name, data in sorted(files.items()))
+    first = checkpoint_sha256(folder)
+    assert first == hashlib.sha256(lines.encode()).hexdigest()
+    (folder / "__1_0.distcp").rename(folder / "__2_0.distcp")  # same bytes, other name: another checkpoint
+    assert checkpoint_sha256(folder) != first
+    with pytest.raises(FileNotFoundError, match="guide_ckpt=.*no such file"):
+        checkpoint_sha256(tmp_path / "missing.ckpt", "guide_ckpt=")
 
 
 def test_an_occupied_output_folder_is_a_one_line_error(tmp_path):
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    occupied = tmp_path / "run" / "eval" / "last_8_sampling.cfg_scale=1.5"
+    ckpt = _file(tmp_path / "run" / "checkpoints" / "last.ckpt", b"not even a checkpoint")
+    sha8 = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:8]
+    occupied = tmp_path / "run" / "eval" / f"last_{sha8}_8_sampling.cfg_scale=1.5"
     occupied.mkdir(parents=True)
     (occupied / "metrics.json").write_text("{}")
     result = subprocess.run([sys.executable, "evaluate.py", f"ckpt={ckpt}", "num_samples=8", "sampling.cfg_scale=1.5"],

@@ -28,7 +28,9 @@ def reference(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     path = tmp_path_factory.mktemp("ref") / "ref.npz"
     a, b = rng.normal(size=(2048, 64)), rng.normal(size=(2023, 64))
-    np.savez(path, mu=rng.normal(size=2048), sigma=a @ a.T / 64, mu_s=rng.normal(size=2023), sigma_s=b @ b.T / 64,
+    # full rank, as real reference statistics (50k images): the Fréchet distances take the Cholesky route
+    np.savez(path, mu=rng.normal(size=2048), sigma=a @ a.T / 64 + np.eye(2048), mu_s=rng.normal(size=2023),
+             sigma_s=b @ b.T / 64 + np.eye(2023),
              arr_0=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
     return path
 
@@ -57,7 +59,8 @@ def test_metrics_adm_scores_the_samples_and_writes_the_protocol_card(tmp_path, t
     assert (card["model"]["weights"], card["model"]["tokenizer"]) == ("EMA", "pixel")
     assert card["samples"] | {"resize": None} == {
         "num_samples": 4, "labels": "uniform", "num_classes": 10, "quantize": "floor", "resize": None,
-        "image_size": 32, "seed": 3, "batch_size_per_rank": 4, "world_size": 1, "dtype": "fp32", "tf32": False}
+        "image_size": 32, "seed": 3, "batch_size_per_rank": 4, "world_size": 1, "launcher": "single", "dtype": "fp32",
+        "tf32": False}
     assert card["sampler"]["class"] == "ODESampler" and card["sampler"]["num_steps"] == 4
     assert card["reference"]["sha256"] == hashlib.sha256(reference.read_bytes()).hexdigest()
     assert "inception-v3-compat" in card["feature_extractors"]["inception"]

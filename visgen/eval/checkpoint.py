@@ -12,6 +12,8 @@ config names are built only through `visgen.untrusted` (visgen classes of the ri
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from visgen.data.cached import file_sha256
+from visgen.errors import MissingInputError
 from visgen.eval.sharded import UnsafeCheckpointError, is_sharded_checkpoint, load_sharded_checkpoint
 from visgen.tokenizers.base import Tokenizer
 from visgen.untrusted import UntrustedFileError, instantiate_untrusted, load_torch_file
@@ -27,11 +31,38 @@ from visgen.untrusted import UntrustedFileError, instantiate_untrusted, load_tor
 log = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_LAYOUT", "load_checkpoint", "checkpoint_config", "load_net", "load_tokenizer",
-           "net_state_dict"]
+           "net_state_dict", "checkpoint_sha256"]
 
 #: What a visgen checkpoint looks like, for error messages.
 CHECKPOINT_LAYOUT = ("a visgen training checkpoint: the .ckpt file train.py writes into <run dir>/checkpoints/ "
                      "(e.g. last.ckpt), a torch zip holding 'state_dict' and 'visgen' entries")
+
+
+def checkpoint_sha256(path: str | Path, what: str = "ckpt=") -> str:
+    """SHA-256 of what `path` holds: a file's bytes, or for a sharded checkpoint (a folder) the SHA-256 of its
+    sorted `<relative path> <file sha256>` lines, so renaming, adding or changing any file changes it.
+
+    Names evaluation folders and goes on the protocol card; remembered per (path, inode, size, mtime, ctime)
+    within a process, so a 10 GB checkpoint is read once, not once per use."""
+    if not Path(path).exists():
+        raise MissingInputError(f"{what}{path}: no such file or folder")
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamp = tuple((str(p), *_stat(p)) for p in files)
+    return _sha256_of(str(path), path.is_dir(), stamp)
+
+
+def _stat(path: Path) -> tuple[int, int, int, int]:
+    info = path.stat()
+    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, is_dir: bool, stamp: tuple[tuple[Any, ...], ...]) -> str:
+    if not is_dir:
+        return file_sha256(path)
+    lines = "".join(f"{Path(entry[0]).relative_to(path).as_posix()} {file_sha256(entry[0])}\n" for entry in stamp)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def load_checkpoint(path: str | Path, what: str = "ckpt=", mmap: bool = False, weights: bool = True) -> dict[str, Any]:

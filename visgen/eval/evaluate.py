@@ -25,10 +25,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from visgen.data.cached import file_sha256
 from visgen.diffusion.guidance import Autoguided
 from visgen.errors import ConfigValueError, MissingInputError, OutputExistsError
-from visgen.eval.checkpoint import checkpoint_config, load_checkpoint, load_net, load_tokenizer
+from visgen.eval.checkpoint import (
+    checkpoint_config,
+    checkpoint_sha256,
+    load_checkpoint,
+    load_net,
+    load_tokenizer,
+)
 from visgen.eval.distributed import Ranks, setup_ranks
 from visgen.eval.protocol import print_card, sampler_summary, software_versions
 from visgen.eval.sample_job import LABEL_PROTOCOLS, QUANTIZATIONS, ChunkPlan, SampleJob, postprocess
@@ -64,20 +69,24 @@ def sampling_config(train_sampling: DictConfig, eval_cfg: DictConfig, overrides:
 
 
 def default_out_dir(ckpt: str | Path, num_samples: int, overrides: list[str], base: Path | None = None) -> Path:
-    """`<run dir>/eval/<ckpt name>_<N>[_<overrides>]`: every override that changes the samples (sampler keys or
-    group, seed, precision, guidance, ...) is named in it as Hydra names multirun jobs (`key=value,...`), so
-    evaluations with other settings never collide. Metric settings are not named: they do not change the samples
-    (rescore=true scores a folder again). `base` replaces `<run dir>/eval` (official files have no run dir)."""
+    """`<run dir>/eval/<ckpt name>_<sha8>_<N>[_<overrides>]`: the first 8 hex digits of the checkpoint's sha256
+    (`checkpoint_sha256`) keep evaluations of different weights apart, even under one file name (`last.ckpt`
+    after more training); every override that changes the samples (sampler keys or group, seed, precision,
+    guidance, ...) is named as Hydra names multirun jobs (`key=value,...`), so evaluations with other settings
+    never collide. Metric settings are not named: they do not change the samples (rescore=true scores a folder
+    again). `base` replaces `<run dir>/eval` (official files have no run dir)."""
     named = []
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if key in NAME_EXCLUDED_KEYS or key.startswith(("paths.", "hydra.", "metrics.")):
             continue
-        if key == "guide_ckpt" and value:  # <guide run>/checkpoints/<name>.ckpt -> <guide run>.<name>
-            value = f"{Path(value).resolve().parent.parent.name}.{Path(value).stem}"
+        if key == "guide_ckpt" and value:  # <guide run>/checkpoints/<name>.ckpt -> <guide run>.<name>.<sha8>
+            value = (f"{Path(value).resolve().parent.parent.name}.{Path(value).stem}."
+                     f"{checkpoint_sha256(value, 'guide_ckpt=')[:8]}")
         named.append(f"{key}={value.replace('/', '_')}")
     ckpt = Path(ckpt)
-    name = f"{ckpt.stem}_{num_samples}" + ("_" + ",".join(sorted(named)) if named else "")
+    name = f"{ckpt.stem}_{checkpoint_sha256(ckpt)[:8]}_{num_samples}" + ("_" + ",".join(sorted(named)) if named
+                                                                          else "")
     return (base or ckpt.resolve().parent.parent / "eval") / name
 
 
@@ -193,7 +202,7 @@ def load_model(cfg: DictConfig, device: torch.device) -> LoadedModel:
         step = int(checkpoint.get("global_step", -1))
     # The model's own sampler is checked before anything of it is merged into the one evaluation builds.
     check_targets(train_cfg.sampling, "sampler", source, "sampling")
-    sha256 = file_sha256(path)
+    sha256 = checkpoint_sha256(path)  # remembered: the folder name hashed it already
     tokenizer = tokenizer.to(device).eval()
     net = net.to(device).eval()
     card = {"experiment": cfg.get("preset") or train_cfg.get("run_name"), "net": type(net).__name__,
@@ -210,7 +219,8 @@ def _add_guide(model: LoadedModel, cfg: DictConfig, sampling: DictConfig, device
         raise ConfigValueError("guide_ckpt= needs ckpt= to be a visgen checkpoint (its task is checked against the "
                                "guide's)")
     model.net, guide_step = _autoguided(model.net, model.checkpoint, cfg, sampling, device)
-    model.card["autoguidance"] = {"guide_ckpt": str(cfg.guide_ckpt), "guide_sha256": file_sha256(cfg.guide_ckpt),
+    model.card["autoguidance"] = {"guide_ckpt": str(cfg.guide_ckpt),
+                                  "guide_sha256": checkpoint_sha256(cfg.guide_ckpt, "guide_ckpt="),
                                   "guide_scale": float(cfg.guide_scale), "guide_step": guide_step}
     model.identity["autoguidance"] = {k: v for k, v in model.card["autoguidance"].items() if k != "guide_ckpt"}
 
@@ -329,6 +339,7 @@ def _evaluate(cfg: DictConfig, names: list[str], overrides: list[str], out_dir: 
         "samples": {"num_samples": cfg.num_samples, "labels": cfg.labels, "num_classes": num_classes,
                     "quantize": cfg.quantize, "resize": resize, "image_size": image_size, "seed": cfg.seed,
                     "batch_size_per_rank": cfg.batch_size, "world_size": ranks.world_size,
+                    "launcher": ranks.launcher,
                     "dtype": cfg.precision, "tf32": bool(cfg.tf32)},
         **protocol_metrics,
         "software": software_versions(device),
