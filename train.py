@@ -3,10 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from visgen.dirnames import register_resolvers
-from visgen.errors import report_user_errors
-
-register_resolvers()  # before Hydra composes: the sweep dir and job folder names (conf/hydra/default.yaml)
+from visgen.errors import report_user_errors  # also registers the sweep-folder resolvers (conf/hydra/default.yaml)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

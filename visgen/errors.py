@@ -63,3 +63,11 @@ def report_user_errors(main: F) -> F:
             sys.exit(1)
 
     return wrapped  # type: ignore[return-value]
+
+
+# Hydra's SLURM (submitit) launcher resolves each sweep job's folder (conf/hydra/default.yaml: ${visgen.sweep_dir:..},
+# ${visgen.dir_name:..}) inside the job, before any of train.py runs. Unpickling the task function there, which
+# report_user_errors wraps, imports this module first: registering the resolvers here makes them exist in the job.
+from visgen.dirnames import register_resolvers  # noqa: E402
+
+register_resolvers()

@@ -47,3 +47,19 @@ def test_dir_names_stay_within_255_bytes_and_distinct():
     assert sweep_dir("logs", "demo_sit", ["experiment=demo_sit", "model.optimizer.lr=1e-4,3e-4"]) == \
         "logs/demo_sit_sweep"
     assert sweep_dir("logs", "demo_sit", ["run_name=again"]) == "logs/again"
+
+
+def test_a_slurm_sweep_job_has_the_folder_resolvers_before_train_py_runs(tmp_path):
+    """submitit pickles train.py's task function in the launcher and resolves the job's folder in the job process
+    before calling it: unpickling alone must register `${visgen.sweep_dir:...}` and `${visgen.dir_name:...}`."""
+    pickled = tmp_path / "task.pkl"
+    launcher = ("import cloudpickle\nfrom visgen.errors import report_user_errors\n"
+                "@report_user_errors\ndef main(cfg):\n    return cfg\n"
+                f"open({str(pickled)!r}, 'wb').write(cloudpickle.dumps(main))\n")
+    job = ("import pickle\nfrom omegaconf import OmegaConf\n"
+           f"task = pickle.load(open({str(pickled)!r}, 'rb'))\n"
+           "assert OmegaConf.has_resolver('visgen.sweep_dir') and OmegaConf.has_resolver('visgen.dir_name')\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for script in (launcher, job):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
