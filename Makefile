@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE := offline
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo demo-vq demo-repa test lint bench clean-demo
+.PHONY: install demo demo-vq demo-repa demo-mar test lint bench clean-demo
 
 install: $(STAMP)
 
@@ -55,6 +55,13 @@ demo-maskgit: install
 	test -f logs/demo_vq/tokenizer.safetensors || $(MAKE) demo-vq
 	$(PY) train.py experiment=demo_maskgit ckpt_path=last
 	$(PY) evaluate.py ckpt=logs/demo_maskgit/checkpoints/last.ckpt num_samples=1000 out_dir=logs/demo_maskgit/eval/demo overwrite=true
+
+# MAR on the digits: 4x4 pixel patches as continuous tokens, masked AR with the per-token DiffLoss; then sampling and
+# evaluation exactly as `make demo` (conf/experiment/demo_mar.yaml).
+demo-mar: install
+	$(PY) -m visgen.data.builtin --out-dir data/digits
+	$(PY) train.py experiment=demo_mar ckpt_path=last
+	$(PY) evaluate.py ckpt=logs/demo_mar/checkpoints/last.ckpt num_samples=1000 precision=bf16 out_dir=logs/demo_mar/eval/demo overwrite=true
 
 test: install
 	$(PY) -m pytest -q tests

@@ -227,7 +227,10 @@ class GenerativeModule(L.LightningModule):
         if cfg.get("lr_batch_base"):  # MAR's rule: lr = base_lr * batch / 256
             lr = lr * self.batch_global / cfg["lr_batch_base"]
         groups = param_groups(self.net, cfg.get("weight_decay", 0.0), cfg.get("decay_min_ndim", 2))
-        fused = self.device.type in ("cuda", "cpu")
+        # Lightning refuses to clip the gradients of a fused optimizer under mixed precision (it would unscale them
+        # itself): foreach AdamW when trainer.gradient_clip_val is set (MAR, LlamaGen, MaskGIT), as autoencoder.py.
+        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        fused = self.device.type in ("cuda", "cpu") and not clipping
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=cfg.get("eps", 1e-8),
                                 fused=fused)
         total_steps = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
