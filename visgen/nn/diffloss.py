@@ -135,8 +135,9 @@ class DiffLoss(nn.Module):
         n = z.shape[0] if cfg == 1.0 else z.shape[0] // 2
         if cfg != 1.0 and z.shape[0] != 2 * n:
             raise ValueError(f"with cfg={cfg} z must stack conditional and unconditional rows, got {z.shape[0]} rows")
-        if noise is None:
-            noise = torch.randn(n, self.in_channels, generator=generator, device=z.device, dtype=z.dtype)  # (N, D)
+        if noise is None:  # the chain runs in at least fp32, also when z comes from a bf16 autocast decoder
+            dtype = torch.promote_types(z.dtype, torch.float32)
+            noise = torch.randn(n, self.in_channels, generator=generator, device=z.device, dtype=dtype)  # (N, D)
         x = noise
         d = sampler.diffusion
         for i in reversed(range(d.num_timesteps)):
