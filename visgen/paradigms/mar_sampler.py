@@ -28,33 +28,32 @@ from visgen.diffusion.guidance import net_num_classes
 from visgen.nn.mar import mask_by_order
 from visgen.sampling import Sampler
 
-__all__ = ["MARSampler", "mask_schedule", "cfg_schedule_values"]
+__all__ = ["MARSampler", "official_mask_lens", "mask_schedule", "cfg_schedule_values"]
 
 CFG_SCHEDULES = ("linear", "constant")
 
 
-def mask_schedule(seq_len: int, num_iter: int) -> list[int]:
-    """n_k, the number of tokens still unknown after each step k (the last is 0: everything revealed)."""
-    remaining, out = seq_len, []
+def official_mask_lens(seq_len: int, num_iter: int) -> list[int]:
+    """The official `mask_len` of each step: max(1, min(#unknown − 1, ⌊L cos(π/2 · (k + 1) / K)⌋)), ≥ 1 even at
+    the last step (which then reveals every remaining token anyway)."""
+    remaining, lens = seq_len, []
     for step in range(num_iter):
         target = math.floor(seq_len * float(np.cos(math.pi / 2.0 * (step + 1) / num_iter)))
-        mask_len = max(1, min(remaining - 1, target))
-        remaining = 0 if step == num_iter - 1 else mask_len
-        out.append(remaining)
-    return out
+        remaining = max(1, min(remaining - 1, target))
+        lens.append(remaining)
+    return lens
+
+
+def mask_schedule(seq_len: int, num_iter: int) -> list[int]:
+    """n_k, the number of tokens still unknown after each step k (the last is 0: everything revealed)."""
+    return [*official_mask_lens(seq_len, num_iter)[:-1], 0]
 
 
 def cfg_schedule_values(cfg: float, seq_len: int, num_iter: int, schedule: str = "linear") -> list[float]:
     """w_k per step: 1 + (w − 1)(L − n_k)/L with the official n_k (≥ 1 even at the last step), or constant w."""
     if schedule == "constant":
         return [float(cfg)] * num_iter
-    values, remaining = [], seq_len
-    for step in range(num_iter):
-        target = math.floor(seq_len * float(np.cos(math.pi / 2.0 * (step + 1) / num_iter)))
-        mask_len = max(1, min(remaining - 1, target))  # what the official code uses, also at the last step
-        values.append(1.0 + (cfg - 1.0) * (seq_len - mask_len) / seq_len)
-        remaining = mask_len
-    return values
+    return [1.0 + (cfg - 1.0) * (seq_len - n) / seq_len for n in official_mask_lens(seq_len, num_iter)]
 
 
 def check_labels(net: nn.Module, labels: Tensor) -> None:
@@ -108,6 +107,7 @@ class MARSampler(Sampler):
         tokens = torch.zeros(bsz, seq_len, net.token_embed_dim, device=device, dtype=dtype)  # (B, L, D)
         if orders is None:
             orders = net.sample_orders(bsz, generator, device)  # (B, L)
+        mask_lens = official_mask_lens(seq_len, self.num_iter)
         cfg_values = cfg_schedule_values(self.cfg_scale, seq_len, self.num_iter, self.cfg_schedule)
         class_labels = labels
         if guided:
@@ -115,9 +115,7 @@ class MARSampler(Sampler):
         for step in range(self.num_iter):
             enc_tokens, enc_mask = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
             z = net.forward_mae_decoder(net.forward_mae_encoder(enc_tokens, enc_mask, class_labels), enc_mask)
-            target = math.floor(seq_len * float(np.cos(math.pi / 2.0 * (step + 1) / self.num_iter)))
-            mask_len = max(1, min(int(mask[0].sum().item()) - 1, target))
-            mask_next = mask_by_order(mask_len, orders)  # (B, L) bool
+            mask_next = mask_by_order(mask_lens[step], orders)  # (B, L) bool
             if step == self.num_iter - 1:
                 to_pred = mask.bool()  # (B, L): every remaining token
             else:
