@@ -128,11 +128,11 @@ def test_train_sbatch_on_two_nodes_is_preempted_requeued_and_resumes(cluster, tm
 
 def test_a_submitit_sweep_runs_each_point_as_a_two_task_slurm_job(cluster, tmp_path, digits_dir):
     """`train.py -m hydra/launcher=slurm ...`: two sweep points, each a SLURM job of 2 tasks (2 ranks), each its
-    own run dir; the sweep command waits for both."""
+    own run dir; the sweep command waits for both. The override string (~420 characters) names the job folders
+    through visgen's safe names (cut + hash, <= 255 bytes), which submitit resolves in the job itself."""
     result = subprocess.run(
         [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2",
          "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
-         "hydra.sweep.subdir=job${hydra.job.num}",  # the full override string would exceed 255 characters
          *TINY, "data.batch_per_device=16", "trainer.max_steps=4", f"paths.log_dir={tmp_path}",
          f"paths.data_dir={digits_dir}", "model.optimizer.lr=1e-3,2e-3"],
         cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=420)
