@@ -26,7 +26,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 def build(experiment: str, device: torch.device):
     """The experiment's AutoencoderTraining (random LPIPS if it uses one), GAN active from step 0."""
-    overrides = [f"experiment={experiment}", "model.loss.disc_start=0"]
+    overrides = [f"experiment={experiment}", f"run_name={experiment}", "model.loss.disc_start=0"]  # no Hydra run
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     if cfg.model.get("perceptual") is not None:
