@@ -5,7 +5,9 @@
 
 Runs one chunk through the real sampling job (`visgen.eval.sample_job`: `generate` with the job's quantisation,
 then the feature extractor on the device), with randomly initialised nets: speed does not depend on the weights.
-Prints img/s per stage and the time 50,000 samples would take on this device. No assertions.
+Prints img/s per stage and the time 50,000 samples would take on this device. On a CPU it also prints the
+process's CPU seconds per image for each stage (`time.process_time`, all threads): on a shared machine the
+wall-clock rate depends on the other jobs, the CPU cost does not. No assertions.
 """
 
 from __future__ import annotations
@@ -56,14 +58,15 @@ def main() -> None:
     autocast = nullcontext() if args.fp32 else torch.autocast(device.type, dtype=torch.bfloat16)
     to_uint8 = partial(postprocess, quantize_mode="round_half_up")
 
-    decode_seconds = []
+    decode_seconds, decode_cpu_seconds = [], []
 
     def decode(latents: torch.Tensor) -> torch.Tensor:  # timed separately: the share of the VAE
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         images = tokenizer.decode(latents)
         if device.type == "cuda":
             torch.cuda.synchronize()
         decode_seconds.append(time.perf_counter() - start)
+        decode_cpu_seconds.append(time.process_time() - cpu_start)
         return images
 
     class TimedTokenizer:
@@ -72,15 +75,28 @@ def main() -> None:
     timed = TimedTokenizer()
     timed.decode = decode
 
+    cpu_seconds = {"sampling": 0.0, "features": 0.0}
+
     def sample_fn(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cpu_start = time.process_time()
         with autocast:
-            return generate(net, timed, sampler, labels, 256, generator, postprocess=to_uint8)
+            images = generate(net, timed, sampler, labels, 256, generator, postprocess=to_uint8)
+        cpu_seconds["sampling"] += time.process_time() - cpu_start
+        return images
 
     extractors = {}
     if args.inception_weights:
         from visgen.eval.inception import InceptionFeatures
 
-        extractors["inception"] = InceptionFeatures(args.inception_weights, args.inception_sha256).to(device)
+        inception = InceptionFeatures(args.inception_weights, args.inception_sha256).to(device)
+
+        def features(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            cpu_start = time.process_time()
+            out = inception(images)
+            cpu_seconds["features"] += time.process_time() - cpu_start
+            return out
+
+        extractors["inception"] = features
     with tempfile.TemporaryDirectory() as out:
         job = SampleJob(out, ChunkPlan(args.batch, args.batch, 0, 1000, "uniform"), {"bench": args.net})
         ranks = Ranks(0, 1, 0, device)
@@ -91,15 +107,18 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     table = Table(title=f"DiT-{args.net}, {args.steps}-step DDPM, CFG {args.cfg}, {'fp32' if args.fp32 else 'bf16'}, "
                         f"batch {n}, {device_name}")
-    for column in ("stage", "seconds", "img/s"):
+    on_cpu = device.type == "cpu"
+    for column in ("stage", "seconds", "img/s") + (("CPU s/img",) if on_cpu else ()):
         table.add_column(column, justify="right")
     net_seconds = timings["sampling_seconds"] - decode_seconds[0]
-    rows = [("DiT sampling", net_seconds), ("SD-VAE decode", decode_seconds[0]),
-            ("sampling job (net + decode + uint8)", timings["sampling_seconds"])]
+    rows = [("DiT sampling", net_seconds, cpu_seconds["sampling"] - decode_cpu_seconds[0]),
+            ("SD-VAE decode", decode_seconds[0], decode_cpu_seconds[0]),
+            ("sampling job (net + decode + uint8)", timings["sampling_seconds"], cpu_seconds["sampling"])]
     if extractors:
-        rows += [("Inception features", timings["feature_seconds"]), ("total", total)]
-    for stage, seconds in rows:
-        table.add_row(stage, f"{seconds:.2f}", f"{n / seconds:.4f}")
+        rows += [("Inception features", timings["feature_seconds"], cpu_seconds["features"]),
+                 ("total", total, cpu_seconds["sampling"] + cpu_seconds["features"])]
+    for stage, seconds, cpu in rows:
+        table.add_row(stage, f"{seconds:.2f}", f"{n / seconds:.4f}", *((f"{cpu / n:.1f}",) if on_cpu else ()))
     Console().print(table)
     print(f"50,000 samples at this rate: {50_000 * total / n / 3600:.1f} device-hours")
 
