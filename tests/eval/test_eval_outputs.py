@@ -91,3 +91,30 @@ def test_other_expected_mistakes_are_one_line_errors_too(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert exited.value.code == 1 and len(lines) == 1 and expected in lines[0], (expected, lines)
         assert "weights_only=False" not in lines[0]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP written by one process, on purpose
+def test_a_sharded_checkpoint_folder_evaluates_like_its_single_file(tmp_path, tiny_checkpoint, digits_dir):
+    """The tiny run's checkpoint rewritten as trainer=fsdp stores it (DCP shards + meta.pt, here by one process):
+    `ckpt=<folder>` samples the same bytes as the file, into a folder named by the folder's own hash."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from hydra import compose, initialize_config_dir
+
+    from visgen.eval.evaluate import evaluate
+
+    checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    folder = tmp_path / "run" / "checkpoints" / "step_0000008.ckpt"
+    dcp.save({"state_dict": checkpoint.pop("state_dict")}, checkpoint_id=folder, no_dist=True)
+    torch.save(checkpoint, folder / "meta.pt")
+    results = {}
+    for name, ckpt in (("file", tiny_checkpoint), ("folder", folder)):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            where = [f"out_dir={tmp_path / 'file'}"] if name == "file" else []  # the folder: its default name
+            cfg = compose("evaluate", overrides=[f"ckpt={ckpt}", "num_samples=2", "batch_size=2", "progress=false",
+                                                 f"paths.cache_dir={digits_dir / 'cache'}", *where])
+        results[name] = evaluate(cfg)
+    out = Path(results["folder"]["out_dir"])
+    assert out == tmp_path / "run" / "eval" / f"step_0000008_{checkpoint_sha256(folder)[:8]}_2"
+    assert results["folder"]["protocol"]["model"]["checkpoint_sha256"] == checkpoint_sha256(folder)
+    assert (out / "samples.npz").read_bytes() == (Path(results["file"]["out_dir"]) / "samples.npz").read_bytes()
