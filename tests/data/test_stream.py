@@ -93,6 +93,11 @@ def test_too_few_shards_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=expected):
         list(stream.iter_worker(0, 3))
     assert len(list(stream.iter_worker(1, 2))) == 1
+    # Fewer shards than ranks: fewer workers cannot help, so the hint says what can.
+    one = ShardStream(_write(tmp_path / "one", num_shards=1, per_shard=1), SIZE, resampled=False, rank=1,
+                      world_size=2)
+    with pytest.raises(ValueError, match=r"1 shards .* 2 ranks x 1 workers; write at least 2 shards \(one per rank\)"):
+        list(one.iter_worker(0, 1))
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

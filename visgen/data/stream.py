@@ -323,8 +323,11 @@ class ShardStream(IterableDataset):
         """Shards a non-resampled worker reads: shard i goes to global worker i % (world_size x workers)."""
         num_global_workers = self.world_size * num_workers
         if len(self.urls) < num_global_workers:
+            # With fewer shards than ranks no worker setting helps: say so instead of pointing at num_workers.
+            fix = ("lower data.num_workers" if len(self.urls) >= self.world_size else
+                   f"write at least {self.world_size} shards (one per rank) for this split, or run it on fewer ranks")
             raise ValueError(f"{len(self.urls)} shards ({self.spec!r}) cannot feed {self.world_size} ranks x "
-                             f"{num_workers} workers; write more shards or lower data.num_workers")
+                             f"{num_workers} workers; {fix}")
         global_worker = self.rank * num_workers + worker_id
         return self.urls[global_worker::num_global_workers]
 
