@@ -159,3 +159,15 @@ def test_bad_inputs_are_rejected(bad: torch.Tensor, match: str) -> None:
     """Float or wrongly shaped images fail loudly instead of being silently misscaled."""
     with pytest.raises(ValueError, match=match):
         clf.DigitClassifier()(bad)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_the_classifier_trains_inside_validation_contexts(context) -> None:
+    """A tokenizer's first validation trains the classifier inside Lightning's inference mode; backward() failed
+    there ("element 0 of tensors does not require grad") and crashed `make demo-vq`."""
+    generator = torch.Generator().manual_seed(0)
+    with context():
+        images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        labels = torch.arange(64) % 10
+        model, _ = clf.train_digit_classifier(images, labels, images[:16], labels[:16], epochs=1, batch_size=32)
+    assert all(p.grad is not None for p in model.parameters())

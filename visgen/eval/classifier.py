@@ -141,12 +141,14 @@ def train_digit_classifier(
                 f"{name}_images has {len(imgs)} images; pass one int label per image."
             )
     generator = torch.Generator().manual_seed(seed)
-    train_labels = train_labels.long()
     steps_per_epoch = -(-len(train_images) // batch_size)
     # Init and dropout draw from the global RNG: fork and seed it so a seed is reproducible and the caller's
     # RNG state is left untouched. One intra-op thread: this net is too small to gain from two, and OpenMP
     # threads spinning at barriers made training 10-15x slower whenever another process shared the cores.
-    with torch.random.fork_rng(devices=[]), _single_thread():
+    # Gradients on even when called from inside Lightning's validation (inference mode): a tokenizer's first
+    # validation trains this classifier there, and backward() then failed ("does not require grad").
+    with torch.random.fork_rng(devices=[]), _single_thread(), torch.inference_mode(False), torch.enable_grad():
+        train_images, train_labels = train_images.clone(), train_labels.clone().long()  # inference -> normal tensors
         torch.manual_seed(seed)
         model = DigitClassifier()
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
