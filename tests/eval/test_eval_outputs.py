@@ -37,6 +37,10 @@ def test_the_default_folder_names_the_checkpoints_hash_and_every_override_that_c
     time.sleep(0.01)
     ckpt.write_bytes(b"weights after 2000 steps")
     assert default_out_dir(ckpt, 1000, []).name == f"last_{hashlib.sha256(ckpt.read_bytes()).hexdigest()[:8]}_1000"
+    # a long sweep of sampler settings stays one valid folder name (<= 255 bytes), distinct per setting
+    long = [f"++sampling.k{i}={'x' * 20}" for i in range(12)]
+    a, b = default_out_dir(ckpt, 50, long).name, default_out_dir(ckpt, 50, [*long[:-1], "++sampling.k11=y"]).name
+    assert len(a.encode()) <= 255 and len(b.encode()) <= 255 and a != b and a.startswith("last_")
 
 
 def test_a_sharded_checkpoints_hash_covers_every_file_and_name(tmp_path):

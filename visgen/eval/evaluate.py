@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from visgen.diffusion.guidance import Autoguided
+from visgen.dirnames import safe_dir_name
 from visgen.errors import ConfigValueError, MissingInputError, OutputExistsError
 from visgen.eval.checkpoint import (
     checkpoint_config,
@@ -74,7 +75,8 @@ def default_out_dir(ckpt: str | Path, num_samples: int, overrides: list[str], ba
     after more training); every override that changes the samples (sampler keys or group, seed, precision,
     guidance, ...) is named as Hydra names multirun jobs (`key=value,...`), so evaluations with other settings
     never collide. Metric settings are not named: they do not change the samples (rescore=true scores a folder
-    again). `base` replaces `<run dir>/eval` (official files have no run dir)."""
+    again). `base` replaces `<run dir>/eval` (official files have no run dir). A name over 255 bytes keeps its
+    start and ends in a hash of the whole (`visgen.dirnames.safe_dir_name`)."""
     named = []
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
@@ -87,7 +89,7 @@ def default_out_dir(ckpt: str | Path, num_samples: int, overrides: list[str], ba
     ckpt = Path(ckpt)
     name = f"{ckpt.stem}_{checkpoint_sha256(ckpt)[:8]}_{num_samples}" + ("_" + ",".join(sorted(named)) if named
                                                                           else "")
-    return (base or ckpt.resolve().parent.parent / "eval") / name
+    return (base or ckpt.resolve().parent.parent / "eval") / safe_dir_name(name)  # <= 255 bytes, hashed if cut
 
 
 def _autoguided(net: torch.nn.Module, checkpoint: dict[str, Any], cfg: DictConfig, sampling: DictConfig,
