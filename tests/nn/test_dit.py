@@ -104,3 +104,16 @@ def test_label_table_init_std_is_dits_by_default_and_configurable():
                label_init_std=1.0)
     assert default.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert wide.y_embedder.embedding_table.weight.std().item() == pytest.approx(1.0, rel=0.02)
+
+
+def test_a_float64_net_runs_and_agrees_with_float32():
+    """The timestep MLP runs in the net's dtype: a .double() net failed with a dtype mismatch."""
+    torch.manual_seed(0)
+    net = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)  # leave adaLN-Zero's zero output
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 3])
+    out32 = net(x, t, y)
+    out64 = net.double()(x.double(), t.double(), y)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), out32, rtol=1e-4, atol=1e-5)

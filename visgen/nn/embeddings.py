@@ -65,8 +65,9 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: Tensor) -> Tensor:
-        """(B,) times -> (B, hidden); the MLP runs in the autocast dtype, the frequencies in fp32."""
-        return self.mlp(self.timestep_embedding(t))  # (B, D)
+        """(B,) times -> (B, hidden); the frequencies in fp32, the MLP in its weights' dtype (or autocast's), so a
+        net cast to float64 or half runs too (as the official code, which casts them to t's dtype)."""
+        return self.mlp(self.timestep_embedding(t).to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):
