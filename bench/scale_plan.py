@@ -15,8 +15,8 @@ the formulas below, not a measurement (no GPU was available to this project when
   rest of the global batch is gradient accumulation).
 - training FLOPs per sample: 3 x forward; forward = 2 x (the stack's matmul parameters, counted on the net) x T
   per stack (x 1 for weights applied once per sample, as DiT's adaLN) + 4 x depth x T^2 x D for attention
-  (DiT-XL/2: 237 GFLOP = 118.5 GMAC, the paper's 118.6 "Gflops" are multiply-adds); the net's other matmul weights (heads, embeddings) are counted
-  on the largest stack's tokens.
+  (DiT-XL/2: 237 GFLOP = 118.5 GMAC, the paper's 118.6 "Gflops" are multiply-adds); the net's other matmul
+  weights (heads, embeddings) are counted on the largest stack's tokens.
 - step time = FLOPs per step / (GPUs x 312 TFLOP/s (A100 bf16 dense) x MFU), MFU assumed 0.40.
 """
 
@@ -108,7 +108,8 @@ def estimate(plan: Plan, gpus: int, activation_checkpointing: bool = False) -> d
     forward += 2 * other * max(s.tokens for s in plan.stacks)
     flops_step = 3 * forward * plan.batch_global
     step_s = flops_step / (gpus * A100_BF16_FLOPS * MFU)
-    return {"params": params, "per_gpu": per_gpu, "accumulation": accumulation, "gflops_forward": forward / 1e9, "state_gb": 20 * params / GB, "act_gb": activations / GB,
+    return {"params": params, "per_gpu": per_gpu, "accumulation": accumulation, "gflops_forward": forward / 1e9,
+            "state_gb": 20 * params / GB, "act_gb": activations / GB,
             "ddp_gb": ddp / GB, "fsdp_gb": fsdp / GB, "tflops_step": flops_step / 1e12, "step_s": step_s}
 
 
@@ -116,8 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--activation-checkpointing", action="store_true")
     args = parser.parse_args()
-    print("| preset | params | GPUs | micro-batch x accumulation | fwd GFLOP/sample | fp32 state (GB) | activations/GPU (GB) | DDP GB/GPU | FSDP2 GB/GPU "
-          "| TFLOP/step | step s (40% MFU) | visgen uses |")
+    print("| preset | params | GPUs | micro-batch x accumulation | fwd GFLOP/sample | fp32 state (GB) "
+          "| activations/GPU (GB) | DDP GB/GPU | FSDP2 GB/GPU | TFLOP/step | step s (40% MFU) | visgen uses |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     from visgen.official import CONF_DIR
 
