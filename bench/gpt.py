@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
+from timing import sync  # bench/timing.py
 from torch import Tensor
 
 from visgen.autoregressive.logits import guide_logits, sample_from_logits
@@ -40,11 +41,6 @@ def build(name: str, grid: int) -> GPT:
             cfg = compose("train", overrides=["experiment=demo_gpt"])
         return instantiate(cfg.model.net)
     return GPT(**GPT_SIZES[name], grid_size=grid)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:

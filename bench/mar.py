@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
+from timing import sync  # bench/timing.py
 
 from visgen.official import compose_experiment
 from visgen.paradigms.mar import MARModule
@@ -27,11 +28,6 @@ from visgen.paradigms.mar_sampler import MARSampler
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on `device`, or nothing."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def train_rate(net: torch.nn.Module, batch: dict, device: torch.device, bf16: bool, steps: int) -> float:

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
+from timing import sync  # bench/timing.py
 
 from visgen.paradigms.maskgit import maskgit_loss
 
@@ -33,11 +34,6 @@ def preset(name: str) -> DictConfig:
     """The composed training config of a MaskGIT preset."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[f"experiment={PRESETS[name]}"])
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_train(net: torch.nn.Module, cfg: DictConfig, batch: int, steps: int, bf16: bool,

@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
+from timing import sync  # bench/timing.py
 
 from visgen.encoders import DINOv2Encoder
 from visgen.encoders.dinov2 import DINOV2_SIZES
@@ -38,11 +39,6 @@ from visgen.paradigms.repa import REPA
 from visgen.tokenizers.base import PixelTokenizer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, steps: int, warmup: int = 2) -> float:

@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
+from timing import sync  # bench/timing.py
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -33,11 +34,6 @@ def build(experiment: str, device: torch.device):
         cfg.model.perceptual.weights, cfg.model.perceptual.vgg_weights = None, None  # random, same layout
     module = instantiate(cfg.model).to(device)
     return module, cfg.data.image_size
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench(module, image_size: int, batch: int, steps: int, bf16: bool, device: torch.device) -> float:

@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
+from timing import sync  # bench/timing.py
 
 from visgen.diffusion.gaussian import GaussianDiffusion
 from visgen.diffusion.gaussian_samplers import DDPMSampler
@@ -85,11 +86,6 @@ def bench_sample(net, shape, batch, bf16, device, paradigm: str, num_steps=20) -
         sync(device)
     net.train()
     return batch / (time.perf_counter() - start)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
