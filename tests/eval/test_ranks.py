@@ -26,8 +26,13 @@ def _clean_env() -> dict[str, str]:
 
 @pytest.fixture
 def env(monkeypatch) -> pytest.MonkeyPatch:
+    """No launcher variables; those `_from_env` sets (MASTER_ADDR/PORT) are removed again afterwards. (A leaked
+    MASTER_PORT made every later multi-process job of the session share one port: EADDRINUSE.)"""
+    for key in LAUNCHER_VARS:
+        monkeypatch.setenv(key, "")  # records "absent" (or the old value) for teardown
+        monkeypatch.delenv(key)
     for key in list(os.environ):
-        if key in LAUNCHER_VARS or key.startswith("SLURM_"):
+        if key.startswith("SLURM_"):
             monkeypatch.delenv(key)
     return monkeypatch
 

@@ -53,7 +53,10 @@ def cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
     started = subprocess.run([str(script), "start", str(state)], capture_output=True, text=True, timeout=120)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "VISGEN_PYTHON": sys.executable,
+        # No launcher variables of this process (a MASTER_PORT would put every job's ranks on one port).
+        inherited = {k: v for k, v in os.environ.items()
+                     if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK") and not k.startswith("SLURM_")}
+        env = {**inherited, "SLURM_CONF": str(state / "slurm.conf"), "VISGEN_PYTHON": sys.executable,
                "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "WANDB_MODE": "offline",
                "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                # The fake nodes' names (n1, n2) do not resolve; on a real cluster Lightning derives this itself.
