@@ -68,6 +68,25 @@ def test_a_low_temperature_fails_the_mixture_check() -> None:
     assert not ok and "cov" in reason
 
 
+class BiasedEpsHead(torch.nn.Module):
+    """An imperfect DiffLoss head: ε̂ off by 0.1 everywhere, Σ = β̃."""
+
+    def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        return torch.cat([torch.full_like(x, 0.1), -torch.ones_like(x)], dim=1)  # (N, 2D)
+
+
+def test_clip_denoised_keeps_pixel_tokens_in_range_and_the_unclipped_chain_leaves_it() -> None:
+    # demo_mar's pixel tokens: at t near T an ε error is amplified by 1/sqrt(alpha_bar) in x̂_0; clamping x̂_0 to
+    # [-1, 1] (ADM's pixel sampling) ends the chain on x̂_0 itself. Unclipped (MAR's setting for KL latents) it leaves.
+    loss = DiffLoss(target_channels=48, z_channels=1, depth=1, width=8, num_sampling_steps=50)
+    loss.net = BiasedEpsHead()
+    z = torch.zeros(64, 1)
+    clipped = loss.sample(z, 1.0, generator=torch.Generator().manual_seed(0), clip_denoised=True)  # (64, 48)
+    raw = loss.sample(z, 1.0, generator=torch.Generator().manual_seed(0))  # (64, 48)
+    assert clipped.abs().max() <= 1.0 + 1e-5
+    assert raw.abs().max() > 10.0
+
+
 def test_diffloss_cfg_mixes_eps_on_all_channels_and_takes_sigma_from_the_conditional_rows() -> None:
     loss = DiffLoss(target_channels=3, z_channels=2, depth=1, width=8)
     torch.nn.init.normal_(loss.net.final_layer.linear.weight)

@@ -99,17 +99,18 @@ class DiffLoss(nn.Module):
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth, grad_checkpointing)
         self.train_diffusion = diffusion or GaussianDiffusion(1000, "cosine", learn_sigma=True)
         self.num_sampling_steps = int(num_sampling_steps)
-        self._samplers: dict[tuple[int, float], DDPMSampler] = {}
+        self._samplers: dict[tuple[int, float, bool], DDPMSampler] = {}
 
     def forward(self, target: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Per-token hybrid loss (N,) of targets (N, D) given conditions (N, Z); t then ε from `generator`."""
         return self.train_diffusion.training_losses(self.net, target, z, generator=generator)["loss"]  # (N,)
 
-    def ddpm(self, temperature: float, num_steps: int | None = None) -> DDPMSampler:
-        """The respaced ancestral sampler (cached per (steps, temperature)): its `step` is the reverse update."""
-        key = (int(num_steps or self.num_sampling_steps), float(temperature))
+    def ddpm(self, temperature: float, num_steps: int | None = None, clip_denoised: bool = False) -> DDPMSampler:
+        """The respaced ancestral sampler (cached per (steps, temperature, clip)): its `step` is the reverse update."""
+        key = (int(num_steps or self.num_sampling_steps), float(temperature), bool(clip_denoised))
         if key not in self._samplers:
-            self._samplers[key] = DDPMSampler(key[0], temperature=key[1], diffusion=self.train_diffusion)
+            self._samplers[key] = DDPMSampler(key[0], temperature=key[1], clip_denoised=key[2],
+                                              diffusion=self.train_diffusion)
         return self._samplers[key]
 
     def guided_net_output(self, x: Tensor, t: Tensor, z: Tensor, cfg: float) -> Tensor:
@@ -125,13 +126,14 @@ class DiffLoss(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: Tensor, temperature: float = 1.0, cfg: float = 1.0, generator: torch.Generator | None = None,
-               num_steps: int | None = None, noise: Tensor | None = None) -> Tensor:
+               num_steps: int | None = None, noise: Tensor | None = None, clip_denoised: bool = False) -> Tensor:
         """Tokens (N, D) ~ p(x | z) by ancestral sampling; z is (N, Z), or (2N, Z) [cond; uncond] with cfg != 1.
 
         x_T ~ N(0, I) (or `noise`) is shared by both halves, as the official sampler; every step's noise comes
-        from `generator` and is scaled by `temperature`.
+        from `generator` and is scaled by `temperature`. `clip_denoised` clamps each step's x̂_0 to [-1, 1]: off in
+        MAR (KL latents are unbounded); for bounded tokens such as pixels, as ADM samples its pixel models.
         """
-        sampler = self.ddpm(temperature, num_steps)
+        sampler = self.ddpm(temperature, num_steps, clip_denoised)
         n = z.shape[0] if cfg == 1.0 else z.shape[0] // 2
         if cfg != 1.0 and z.shape[0] != 2 * n:
             raise ValueError(f"with cfg={cfg} z must stack conditional and unconditional rows, got {z.shape[0]} rows")

@@ -70,9 +70,9 @@ class MARSampler(Sampler):
     """Masked-autoregressive sampling of continuous tokens with the DiffLoss sampler, batched, with CFG."""
 
     def __init__(self, num_iter: int = 64, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
-                 temperature: float = 1.0, num_sampling_steps: int | None = None) -> None:
+                 temperature: float = 1.0, num_sampling_steps: int | None = None, clip_denoised: bool = False) -> None:
         """`num_iter` AR steps (official default 64; 256 for the paper's FIDs); `num_sampling_steps` None: the
-        net's DiffLoss setting (100)."""
+        net's DiffLoss setting (100); `clip_denoised` clamps DiffLoss's x̂_0 to [-1, 1] (pixel tokens only)."""
         if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
             raise ValueError(f"sampling.num_iter must be a positive int, got {num_iter!r}")
         if cfg_schedule not in CFG_SCHEDULES:
@@ -86,11 +86,13 @@ class MARSampler(Sampler):
         self.cfg_schedule = cfg_schedule
         self.temperature = float(temperature)
         self.num_sampling_steps = num_sampling_steps
+        self.clip_denoised = bool(clip_denoised)
 
     def __repr__(self) -> str:
         """Readable summary for logs and protocol cards."""
         return (f"MARSampler(num_iter={self.num_iter}, cfg_scale={self.cfg_scale}, cfg_schedule={self.cfg_schedule!r}, "
-                f"temperature={self.temperature}, num_sampling_steps={self.num_sampling_steps})")
+                f"temperature={self.temperature}, num_sampling_steps={self.num_sampling_steps}, "
+                f"clip_denoised={self.clip_denoised})")
 
     @torch.no_grad()
     def __call__(self, net: nn.Module, labels: Tensor, latent_shape: Sequence[int],
@@ -124,7 +126,7 @@ class MARSampler(Sampler):
             rows = to_pred.nonzero(as_tuple=True)
             z_pred = torch.cat([z[:bsz][rows], z[bsz:][rows]]) if guided else z[rows]  # (N or 2N, D_dec)
             sampled = net.diffloss.sample(z_pred, self.temperature, cfg_values[step] if guided else 1.0, generator,
-                                          self.num_sampling_steps)  # (N, D)
+                                          self.num_sampling_steps, clip_denoised=self.clip_denoised)  # (N, D)
             tokens = tokens.clone()
             tokens[rows] = sampled.to(dtype)
         return net.unpatchify(tokens)  # (B, C, H, W)
