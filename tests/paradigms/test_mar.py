@@ -121,11 +121,13 @@ def test_sampler_reveals_by_the_schedule_and_shares_state_between_cfg_halves() -
     torch.manual_seed(0)
     net = tiny_mar().eval()
     calls: list[tuple[int, float]] = []
+    clips: list[bool] = []
     original = net.diffloss.sample
 
-    def spy(z: Tensor, temperature: float, cfg: float, generator, num_steps) -> Tensor:
+    def spy(z: Tensor, temperature: float, cfg: float, generator, num_steps, clip_denoised: bool) -> Tensor:
         calls.append((z.shape[0], cfg))
-        return original(z, temperature, cfg, generator, num_steps)
+        clips.append(clip_denoised)
+        return original(z, temperature, cfg, generator, num_steps, clip_denoised=clip_denoised)
 
     net.diffloss.sample = spy
     labels = torch.tensor([1, 2, 3])
@@ -135,6 +137,9 @@ def test_sampler_reveals_by_the_schedule_and_shares_state_between_cfg_halves() -
     per_step = [b - a for a, b in zip(revealed, revealed[1:], strict=False)]
     assert [c[0] for c in calls] == [2 * 3 * k for k in per_step]  # conditional and unconditional rows
     assert [c[1] for c in calls] == pytest.approx(cfg_schedule_values(3.0, 16, 4))
+    assert clips == [False] * 4  # MAR's default; sampling.clip_denoised=true reaches DiffLoss
+    MARSampler(num_iter=2, clip_denoised=True)(net, labels, (3, 4, 4), torch.Generator().manual_seed(0))
+    assert clips[-2:] == [True, True]
     # Same generator, same samples; another seed, other samples.
     again = MARSampler(num_iter=4, cfg_scale=3.0)(net, labels, (3, 4, 4), torch.Generator().manual_seed(0))
     other = MARSampler(num_iter=4, cfg_scale=3.0)(net, labels, (3, 4, 4), torch.Generator().manual_seed(1))
