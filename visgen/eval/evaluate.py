@@ -39,6 +39,7 @@ from visgen.eval.distributed import Ranks, setup_ranks
 from visgen.eval.protocol import print_card, sampler_summary, software_versions
 from visgen.eval.sample_job import LABEL_PROTOCOLS, QUANTIZATIONS, ChunkPlan, SampleJob, postprocess
 from visgen.eval.scoring import build_extractors, metric_names, score
+from visgen.hardware import slow_cpu_bf16_note
 from visgen.sampling import generate, save_grid
 from visgen.untrusted import check_targets, instantiate_untrusted
 
@@ -295,6 +296,9 @@ def _evaluate(cfg: DictConfig, names: list[str], overrides: list[str], out_dir: 
         with _sampling_math(device, cfg.precision, bool(cfg.tf32)):
             return generate(model.net, model.tokenizer, sampler, labels, image_size, generator, postprocess=to_uint8)
 
+    bf16_note = slow_cpu_bf16_note(device.type, cfg.precision == "bf16")
+    if bf16_note:
+        log.warning(bf16_note)
     plan = ChunkPlan(cfg.num_samples, cfg.batch_size, cfg.seed, num_classes, cfg.labels)
     identity = {**model.identity, "sampling": sampling_dict, "image_size": image_size, "quantize": cfg.quantize,
                 "resize": resize, "precision": cfg.precision, "tf32": bool(cfg.tf32), "device_type": device.type}

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, open_dict
 
 from visgen.errors import user_error_cause
 from visgen.eval.checkpoint import load_checkpoint
+from visgen.hardware import slow_cpu_bf16_note
 from visgen.training.callbacks import AtomicCheckpointIO, ModuleBookkeeping, RunRecord
 from visgen.training.launch import (
     check_global_batch,
@@ -176,6 +177,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         log.info("run dir: %s (%s)", run_dir, f"resuming from {resume_from}" if resume_from else "fresh start")
         log.info("net parameters: %s; %s", f"{sum(p.numel() for p in model.net.parameters()):,}", batch_line)
+        bf16_note = slow_cpu_bf16_note(trainer.strategy.root_device.type, "bf16" in str(trainer.precision))
+        if bf16_note:
+            log.warning(bf16_note)
     new_log_dirs = _new_log_dirs(loggers) if trainer.is_global_zero else []
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
