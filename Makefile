@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(PY) -m visgen.data.builtin --out-dir data/digits
 	$(PY) train.py experiment=demo_sit ckpt_path=last
-	$(PY) evaluate.py ckpt=logs/demo_sit/checkpoints/last.ckpt num_samples=1000 precision=bf16 out_dir=logs/demo_sit/eval/demo overwrite=true
+	$(PY) evaluate.py ckpt=logs/demo_sit/checkpoints/last.ckpt num_samples=1000 out_dir=logs/demo_sit/eval/demo overwrite=true
 
 # The digits demos' VQ tokenizer: train (~3 min on CPU), export logs/demo_vq/tokenizer.safetensors, report
 # its reconstructions (PSNR, codebook usage, classifier accuracy / FID: the ceiling for demo_gpt / demo_maskgit).
@@ -36,7 +36,7 @@ demo-repa: install
 	$(PY) -m visgen.data.builtin --out-dir data/digits
 	$(PY) -m visgen.encoders.digits --train-shards 'data/digits/digits-train-{000000..000009}.tar' --cache-dir .cache
 	$(PY) train.py experiment=demo_repa ckpt_path=last
-	$(PY) evaluate.py ckpt=logs/demo_repa/checkpoints/last.ckpt num_samples=1000 precision=bf16 out_dir=logs/demo_repa/eval/demo overwrite=true
+	$(PY) evaluate.py ckpt=logs/demo_repa/checkpoints/last.ckpt num_samples=1000 out_dir=logs/demo_repa/eval/demo overwrite=true
 
 # LlamaGen on the digits: a small GPT on demo_vq's 8x8 codes (trains the tokenizer first if it is missing), sampled
 # with the KV cache and scored as `make demo` (README "LlamaGen" has the numbers).
