@@ -200,6 +200,10 @@ def test_imagenet_1k_wds_shards_read_as_they_are(files: dict[str, bytes], tmp_pa
     stream = ShardStream(spec, 24, resampled=False, num_classes=3, resize=True)
     kept = len(list(stream))
     assert stream.loss.totals() == (0, 15 - kept, 1)  # exact, from _info.json's shard_lengths
+    info["splits"]["train"]["shard_lengths"] = [5, 5]  # a cut _info.json: which count is whose is unknown
+    (tmp_path / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="3 filenames but 2 shard_lengths"):
+        list(ShardStream(spec, 24, resampled=False, num_classes=3, resize=True))
 
 
 def test_a_full_disk_names_the_shard_and_keeps_what_was_written(folder: Path, tmp_path: Path,

@@ -44,7 +44,7 @@ def _json_file(path: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _counts_in(info: dict[str, Any], known: dict[str, int]) -> None:
+def _counts_in(info: dict[str, Any], known: dict[str, int], path: str) -> None:
     """Add the per-shard counts a manifest.json / cache.json (`shards`) or timm _info.json (`splits`) lists."""
     for entry in info.get("shards", []) if isinstance(info.get("shards"), list) else []:
         if isinstance(entry, dict) and isinstance(entry.get("name"), str) and type(entry.get("count")) is int:
@@ -52,7 +52,11 @@ def _counts_in(info: dict[str, Any], known: dict[str, int]) -> None:
     splits = info.get("splits")
     for split in splits.values() if isinstance(splits, dict) else []:  # timm's _info.json
         if isinstance(split, dict):
-            for file, count in zip(split.get("filenames", []), split.get("shard_lengths", []), strict=False):
+            files, lengths = split.get("filenames", []), split.get("shard_lengths", [])
+            if len(files) != len(lengths):  # which count belongs to which shard is then unknown: never guess
+                raise ValueError(f"{path}: split {split.get('name', '?')!r} lists {len(files)} filenames but "
+                                 f"{len(lengths)} shard_lengths; fix or remove the file (or set data.counts_file)")
+            for file, count in zip(files, lengths, strict=True):
                 if isinstance(file, str) and type(count) is int:
                     known.setdefault(os.path.basename(file), count)
 
@@ -67,7 +71,7 @@ def shard_counts(urls: Sequence[str], counts_file: str | None = None) -> dict[st
         if info is None:
             raise FileNotFoundError(f"data.counts_file={counts_file!r} is not a readable JSON object; point it at "
                                     "the shards' manifest.json, cache.json or _info.json")
-        _counts_in(info, from_file)
+        _counts_in(info, from_file, counts_file)
     by_folder: dict[str, list[str]] = {}
     for url in urls:
         path = url.removeprefix("file:")
@@ -76,9 +80,10 @@ def shard_counts(urls: Sequence[str], counts_file: str | None = None) -> dict[st
     for folder, folder_urls in by_folder.items():
         known: dict[str, int] = {}
         for name in _COUNT_FILES:
-            info = _json_file(os.path.join(folder or ".", name))
+            path = os.path.join(folder or ".", name)
+            info = _json_file(path)
             if info is not None:
-                _counts_in(info, known)
+                _counts_in(info, known, path)
         for url in folder_urls:
             if os.path.basename(url) in known:
                 counts[url] = known[os.path.basename(url)]
