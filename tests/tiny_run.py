@@ -8,6 +8,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# What torchrun-style launchers set; tests that start ranks must neither inherit nor leak them.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # A 2-block, 32-wide SiT; 256 samples per epoch, global batch 32 as 2 micro-batches of 16:
 # 8 optimizer steps per epoch, fp32 so that resume can be compared bitwise.

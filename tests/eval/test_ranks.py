@@ -13,10 +13,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from tests.tiny_run import LAUNCHER_VARS
 from visgen.eval.distributed import _from_env
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _clean_env() -> dict[str, str]:

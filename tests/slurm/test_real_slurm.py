@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_run import LAUNCHER_VARS
+
 ROOT = Path(__file__).resolve().parents[2]
 OPT_IN = "VISGEN_SLURM_TEST"
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
@@ -55,7 +57,7 @@ def cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
         assert started.returncode == 0, started.stdout + started.stderr
         # No launcher variables of this process (a MASTER_PORT would put every job's ranks on one port).
         inherited = {k: v for k, v in os.environ.items()
-                     if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK") and not k.startswith("SLURM_")}
+                     if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
         env = {**inherited, "SLURM_CONF": str(state / "slurm.conf"), "VISGEN_PYTHON": sys.executable,
                "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "WANDB_MODE": "offline",
                "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
